@@ -1,0 +1,302 @@
+"""Image data modules. Each yields batches of uint8 images (B, C, H, W); the scaling to [-1, 1]
+and the random horizontal flip happen on the batch, on its device, in
+:meth:`ImageDataModule.on_after_batch_transfer`.
+
+``digits`` (scikit-learn's 1,797 bundled 8×8 digits, offline), ``mnist``, ``fashion_mnist`` and
+``cifar10`` (torchvision; downloaded on first use) are held in memory as one uint8 tensor;
+``image_folder`` reads files lazily. Train and validation sets are a seeded random split.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, random_split
+
+from diffusion.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+class TensorImages(Dataset):
+    """A uint8 tensor (N, C, H, W) as a dataset of images."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize square uint8 images (N, C, h, w) to (N, C, size, size), bilinear with antialiasing."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = [
+        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        for chunk in images.split(4096)
+    ]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) to ``channels``: grayscale repeated to RGB, or RGB to luma (ITU-R 601)."""
+    c = images.shape[1]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise ConfigError(f"cannot convert {c}-channel images to data.channels={channels}; use 1 or 3")
+
+
+class ImageDataModule(LightningDataModule, abc.ABC):
+    """A seeded train/validation split of square uint8 images, served as [-1, 1] float batches.
+
+    Args:
+        image_size: side of the square images the model sees.
+        channels: 1 (grayscale) or 3 (RGB); datasets are converted when they differ.
+        batch_size: per device.
+        val_fraction: share of the images held out for validation (at least one image).
+        hflip: random horizontal flips of training batches.
+        num_workers, pin_memory: passed to the DataLoaders.
+        seed: seed of the train/validation split.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        channels: int,
+        batch_size: int = 128,
+        val_fraction: float = 0.05,
+        hflip: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.hflip = hflip
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @abc.abstractmethod
+    def load(self) -> Dataset:
+        """The whole dataset: items are uint8 tensors (channels, image_size, image_size)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        full = self.load()
+        n_val = max(1, round(len(full) * self.val_fraction))
+        if len(full) - n_val < 1:
+            raise DataError(f"{len(full)} image(s) are too few to split into training and validation")
+        generator = torch.Generator().manual_seed(self.seed)
+        train, val = random_split(full, [len(full) - n_val, n_val], generator=generator)
+        self.train_set, self.val_set = train, val
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+        assert dataset is not None, "call setup() first"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        x = batch.float() / 127.5 - 1.0  # uint8 [0, 255] -> [-1, 1]
+        if self.hflip and self.trainer is not None and self.trainer.training:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's bundled handwritten digits (1,797 real 8×8 images), upsampled; no network."""
+
+    def __init__(self, image_size: int = 16, channels: int = 1, **kwargs) -> None:
+        super().__init__(image_size, channels, **kwargs)
+
+    def load(self) -> Dataset:
+        from sklearn.datasets import load_digits
+
+        pixels = torch.from_numpy(load_digits().images).float()  # (1797, 8, 8), values 0..16
+        images = (pixels * (255.0 / 16.0)).round().to(torch.uint8)[:, None]
+        return TensorImages(convert_channels(resize_uint8(images, self.image_size), self.channels))
+
+
+_TORCHVISION = {
+    "mnist": ("MNIST", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]),
+    "fashion_mnist": ("FashionMNIST", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]),
+    "cifar10": ("CIFAR10", [f"data_batch_{i}" for i in range(1, 6)]),
+}
+
+
+class TorchvisionDataModule(ImageDataModule):
+    """The training split of MNIST, Fashion-MNIST or CIFAR-10, downloaded by torchvision once.
+
+    Files live where torchvision puts them: ``{root}/MNIST/raw/``,
+    ``{root}/FashionMNIST/raw/`` (uncompressed IDX files) and ``{root}/cifar-10-batches-py/``.
+    """
+
+    def __init__(self, dataset: str, root: str, image_size: int, channels: int, **kwargs) -> None:
+        if dataset not in _TORCHVISION:
+            raise ConfigError(f"data.dataset={dataset!r} is unknown; choose one of {sorted(_TORCHVISION)}")
+        super().__init__(image_size, channels, **kwargs)
+        self.dataset = dataset
+        self.root = Path(root).expanduser()
+
+    @property
+    def folder(self) -> Path:
+        name = _TORCHVISION[self.dataset][0]
+        return self.root / ("cifar-10-batches-py" if name == "CIFAR10" else f"{name}/raw")
+
+    def _missing(self) -> list[str]:
+        return [f for f in _TORCHVISION[self.dataset][1] if not (self.folder / f).is_file()]
+
+    def prepare_data(self) -> None:
+        if not self._missing():
+            return
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, _TORCHVISION[self.dataset][0])
+        try:
+            cls(str(self.root), train=True, download=True)
+        except Exception as err:  # no network, proxy, checksum: all end the same way for the user
+            raise DataError(
+                f"{self.dataset} is not in {self.folder} and could not be downloaded ({err}). "
+                f"If this machine is offline, copy the files {self._missing()} into {self.folder} "
+                f"(or set data.root / DIFFUSION_DATA_DIR to where they are)."
+            ) from None
+
+    def load(self) -> Dataset:
+        missing = self._missing()
+        if missing:
+            raise DataError(f"{self.dataset}: files {missing} are missing from {self.folder}")
+        if self.dataset == "cifar10":
+            images = self._read_cifar()
+        else:
+            from torchvision.datasets.mnist import read_image_file
+
+            images = read_image_file(str(self.folder / "train-images-idx3-ubyte"))[:, None]
+        images = resize_uint8(images, self.image_size)
+        return TensorImages(convert_channels(images, self.channels))
+
+    def _read_cifar(self) -> torch.Tensor:
+        # Read the pickled batches directly: torchvision's CIFAR10 insists on the full set's md5.
+        arrays = []
+        for name in _TORCHVISION["cifar10"][1]:
+            with open(self.folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            arrays.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+        return torch.cat(arrays)
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class FolderImages(Dataset):
+    """Images found recursively under a folder, each resized (shorter side) and centre-cropped."""
+
+    def __init__(self, files: list[Path], image_size: int, channels: int, on_corrupt: str) -> None:
+        self.files = files
+        self.image_size = image_size
+        self.mode = "L" if channels == 1 else "RGB"
+        self.on_corrupt = on_corrupt
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, path: Path) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        with Image.open(path) as img:
+            img = img.convert(self.mode)
+        img = TF.resize(img, self.image_size, antialias=True)
+        img = TF.center_crop(img, [self.image_size, self.image_size])
+        return TF.pil_to_tensor(img)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        # An unreadable file is an error, or (on_corrupt=skip) replaced by the next readable one.
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                return self.read(path)
+            except Exception as err:
+                if self.on_corrupt == "error":
+                    raise DataError(
+                        f"cannot read image {path}: {err} (set data.on_corrupt=skip to skip such files)"
+                    ) from None
+                log.warning("skipping unreadable image %s: %s", path, err)
+        raise DataError(f"none of the {len(self.files)} files under the image folder could be read")
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Any folder of images (searched recursively), resized and centre-cropped to ``image_size``.
+
+    Args:
+        root: the folder.
+        on_corrupt: ``skip`` (warn and use the next image) or ``error`` for unreadable files.
+    """
+
+    def __init__(self, root: str, image_size: int, channels: int, on_corrupt: str = "skip", **kwargs) -> None:
+        super().__init__(image_size, channels, **kwargs)
+        if on_corrupt not in ("skip", "error"):
+            raise ConfigError(f"data.on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+        self.root = Path(root).expanduser()
+        self.on_corrupt = on_corrupt
+
+    def load(self) -> Dataset:
+        if not self.root.is_dir():
+            raise DataError(f"data.root={str(self.root)!r} is not a folder; point it at a folder of images")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}; "
+                "check data.root"
+            )
+        return FolderImages(files, self.image_size, self.channels, self.on_corrupt)
+
+
+__all__ = [
+    "DigitsDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "TorchvisionDataModule",
+]

@@ -1,0 +1,132 @@
+"""The LightningModule: an ε-prediction network trained with L_simple on a Gaussian diffusion.
+
+It ties together, from plain config dicts (so ``DiffusionModule.load_from_checkpoint(path)``
+rebuilds a working model without the Hydra run that made it):
+  - ``net``: the network, a Hydra ``_target_`` node (see diffusion.nn);
+  - ``schedule``: a β schedule, a ``_partial_`` node called with ``T`` (see diffusion.schedules);
+  - ``sampler``: a ``_partial_`` sampler node (see diffusion.samplers);
+  - ``optimizer``: a ``_partial_`` optimizer node completed with the network's parameters.
+The EMA copy of the network is used for validation and sampling, and is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning import LightningModule
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.ema import EMA
+from diffusion.process import GaussianDiffusion
+from diffusion.samplers import Callback
+
+
+def _plain(cfg: Mapping | DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+class DiffusionModule(LightningModule):
+    """DDPM training system (Ho et al. 2020, Algorithm 1) with EMA, warm-up and sampling.
+
+    Args:
+        net: config of the ε-network ``net(x_t, t)``.
+        schedule: config of the β schedule (``_partial_``), called as ``schedule(T)``.
+        T: number of diffusion steps (≥ 1).
+        image_shape: (C, H, W) of the images, for :meth:`sample`.
+        optimizer: ``_partial_`` optimizer config, e.g. AdamW with its ``lr``.
+        warmup_steps: linear learning-rate warm-up from 0 over this many steps.
+        ema_decay: decay of the weights' exponential moving average.
+        ema_warmup: use min(ema_decay, (1 + n) / (10 + n)) at update n (see diffusion.ema).
+        sampler: ``_partial_`` sampler config used by :meth:`sample`.
+        val_timesteps: validation loss is L_simple averaged over this many evenly spaced t's,
+            with noise fixed per batch, so it is comparable across runs and checkpoints.
+    """
+
+    def __init__(
+        self,
+        net: Mapping,
+        schedule: Mapping,
+        T: int,
+        image_shape: list[int],
+        optimizer: Mapping,
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        sampler: Mapping | None = None,
+        val_timesteps: int = 10,
+    ) -> None:
+        super().__init__()
+        net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
+        sampler = _plain(sampler) if sampler is not None else {
+            "_target_": "diffusion.samplers.ddpm_ancestral",
+            "_partial_": True,
+        }
+        image_shape = list(image_shape)
+        self.save_hyperparameters()
+        self.net = instantiate(net)
+        self.ema = EMA(self.net, ema_decay, ema_warmup)
+        self.process = GaussianDiffusion(instantiate(schedule)(T))
+        self.image_shape = tuple(image_shape)
+        self.val_t = torch.linspace(0, T - 1, min(val_timesteps, T)).round().long().unique()
+
+    # ----- training -----------------------------------------------------------------------
+    def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.process.loss_simple(self.net, x0).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update(self.net)
+
+    def validation_step(self, x0: torch.Tensor, batch_idx: int) -> None:
+        # Fixed t's and noise seeded by the batch index: the same numbers for the same weights.
+        generator = torch.Generator().manual_seed(batch_idx)
+        losses = []
+        for step in self.val_t.tolist():
+            eps = torch.randn(x0.shape, generator=generator).to(x0)
+            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+            losses.append(self.process.loss_simple(self.ema, x0, t, eps))
+        loss = torch.stack(losses).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+
+    def configure_optimizers(self) -> dict:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.net.parameters())
+        warmup = max(int(self.hparams.warmup_steps), 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["beta"] = self.process.beta64.clone()  # the exact float64 schedule used
+
+    # ----- sampling -----------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+        callback: Callback | None = None,
+        **sampler_options: Any,
+    ) -> torch.Tensor:
+        """Draw ``n`` images in [-1, 1], shape (n, C, H, W), with the configured sampler.
+
+        ``generator`` (a CPU generator) fixes the initial noise and the sampler's noise.
+        ``sampler_options`` override the sampler config (e.g. ``variance="beta_tilde"``).
+        """
+        model = self.ema if use_ema else self.net
+        was_training = model.training
+        model.eval()
+        x_T = torch.randn((n, *self.image_shape), generator=generator).to(self.device)
+        sampler = instantiate(self.hparams.sampler)
+        device_gen = generator
+        if generator is not None and self.device.type != "cpu":
+            device_gen = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        x0 = sampler(model, x_T, self.process, generator=device_gen, callback=callback, **sampler_options)
+        model.train(was_training)
+        return x0.clamp(-1.0, 1.0)

@@ -1,0 +1,231 @@
+"""The ε-prediction U-Net of DDPM (Ho et al. 2020, Appendix B), in PyTorch.
+
+A PixelCNN++-style U-Net: residual blocks (GroupNorm, SiLU, dropout) conditioned on a
+sinusoidal time embedding through an MLP, self-attention at chosen levels, strided-conv
+down-sampling and nearest + conv up-sampling, skip connections between mirrored blocks.
+``unet_base`` (width 128, mult 1,2,2,2, 2 blocks, attention at 16×16, dropout 0.1) has
+35.7M parameters, matching the paper's CIFAR-10 model.
+
+Level ``i`` of ``channel_mult`` runs at resolution image_size / 2^i with
+``width * channel_mult[i]`` channels; ``attention_levels`` lists the levels with attention
+(level 1 of a 32×32 model is the paper's 16×16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t (Vaswani et al. 2017, as in DDPM): (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """h = conv(SiLU(GN(x))) + W·SiLU(emb); out = skip(x) + conv(dropout(SiLU(GN(h))))."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(_norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
+        self.out_layers = nn.Sequential(
+            _norm(c_out, groups),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            _zero(nn.Conv2d(c_out, c_out, 3, padding=1)),
+        )
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_proj(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H·W positions, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """Residual blocks (each optionally followed by attention) at one resolution."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W).
+
+    Args:
+        image_size: side of the (square) input; must be divisible by 2^(len(channel_mult) - 1).
+        in_channels: image channels (1 grayscale, 3 RGB).
+        width: base channel count (the paper's ``ch``).
+        channel_mult: channels per level, as multiples of ``width``.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_levels: levels (indices into ``channel_mult``) with self-attention.
+        dropout: dropout rate inside residual blocks.
+        num_heads: attention heads.
+        norm_groups: GroupNorm groups (gcd with the channel count is used).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int = 1,
+        width: int = 32,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (1,),
+        dropout: float = 0.0,
+        num_heads: int = 1,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        check_image_size(image_size, len(channel_mult))
+        if width < 1 or num_res_blocks < 1 or not channel_mult:
+            raise ValueError("width and num_res_blocks must be >= 1 and channel_mult non-empty")
+        bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
+        if bad:
+            raise ValueError(
+                f"attention_levels {list(bad)} out of range: levels are 0..{len(channel_mult) - 1}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.image_size = image_size
+        self.in_channels = in_channels
+        emb_dim = 4 * width
+        self.width = width
+        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.input_conv = nn.Conv2d(in_channels, width, 3, padding=1)
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)
+
+        def attn(level: int, c: int) -> nn.Module:
+            return AttentionBlock(c, num_heads, norm_groups) if level in attention_levels else nn.Identity()
+
+        skip_channels = [width]
+        ch = width
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(res(ch, width * mult))
+                ch = width * mult
+                attns.append(attn(level, ch))
+                skip_channels.append(ch)
+            self.down.append(_Level(blocks, attns))
+            last = level == len(channel_mult) - 1
+            self.downsample.append(nn.Identity() if last else Downsample(ch))
+            if not last:
+                skip_channels.append(ch)
+
+        self.mid_block1 = res(ch, ch)
+        self.mid_attn = AttentionBlock(ch, num_heads, norm_groups)
+        self.mid_block2 = res(ch, ch)
+
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(res(ch + skip_channels.pop(), width * mult))
+                ch = width * mult
+                attns.append(attn(level, ch))
+            self.up.append(_Level(blocks, attns))
+            self.upsample.append(Upsample(ch) if level > 0 else nn.Identity())
+
+        self.out = nn.Sequential(
+            _norm(ch, norm_groups), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.width))
+        h = self.input_conv(x)
+        skips = [h]
+        for level, down in zip(self.down, self.downsample, strict=True):
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                h = attn(block(h, emb))
+                skips.append(h)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                skips.append(h)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
+        for level, up in zip(self.up, self.upsample, strict=True):
+            for block, attn in zip(level.blocks, level.attns, strict=True):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+            h = up(h)
+        return self.out(h)
+
+
+def check_image_size(image_size: int, num_levels: int) -> None:
+    """Reject a size the U-Net cannot halve ``num_levels - 1`` times, naming sizes that work."""
+    factor = 2 ** (num_levels - 1)
+    if image_size < factor or image_size % factor:
+        lower = max(factor, image_size // factor * factor)
+        raise ValueError(
+            f"image_size={image_size} is not divisible by {factor}, the U-Net's down-sampling "
+            f"factor ({num_levels} levels in channel_mult); use a multiple of {factor} such as "
+            f"{lower} or {lower + factor}, or change model.channel_mult"
+        )

@@ -1,0 +1,69 @@
+"""Train a diffusion model: ``python -m diffusion.train [group=option ...] [key=value ...]``.
+
+Composes ``diffusion/conf/train.yaml`` with Hydra, checks it (see diffusion.config), builds
+every object from its ``_target_`` node and runs ``Trainer.fit``. Everything a run writes goes to
+its own output directory: ``config.yaml`` (resolved), ``checkpoints/``, ``samples/``, logs.
+Returns the final validation loss (for sweepers).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.config import build, check_config
+from diffusion.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one training described by a composed config; raises UserError on bad input."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = build(cfg.data, "data")
+    module = build(cfg.module, "module")
+    callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items() if node]
+    logger_cfgs = {name: node for name, node in (cfg.logger or {}).items() if node}
+    if any("WandbLogger" in node._target_ for node in logger_cfgs.values()):
+        from diffusion.wandb_mode import ensure_wandb_never_blocks
+
+        ensure_wandb_never_blocks()
+    loggers = [build(node, f"logger.{name}") for name, node in logger_cfgs.items()]
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        for logger in loggers:
+            logger.finalize("success")
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()
+    val_loss = trainer.callback_metrics.get("val/loss")
+    return float(val_loss) if val_loss is not None else None
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
