@@ -14,7 +14,9 @@ from torchvision.utils import make_grid, save_image
 def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     """Images in [-1, 1], (N, C, H, W) -> one float grid in [0, 1], (C, H', W')."""
     nrow = nrow or max(1, int(images.shape[0] ** 0.5))
-    return make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(0, 1)
+    return make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(
+        0, 1
+    )
 
 
 def log_image(trainer: Trainer, key: str, grid: torch.Tensor, step: int) -> None:
@@ -41,7 +43,9 @@ class SampleGrid(Callback):
         self.every_n_steps = every_n_steps
         self.seed = seed
         self.last_path: Path | None = None
-        self._drawn_at = -1  # global step of the last grid (several batches share a step under accumulation)
+        self._drawn_at = (
+            -1
+        )  # global step of the last grid (several batches share a step under accumulation)
 
     @rank_zero_only
     def _draw(self, trainer: Trainer, module: LightningModule, name: str) -> None:

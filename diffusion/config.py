@@ -81,13 +81,17 @@ def check_values(cfg: DictConfig) -> None:
     """Range checks on values Hydra cannot type-check (the constructors check the rest)."""
     T = cfg.get("T")
     if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ConfigError(f"T={T!r} is invalid: the number of diffusion steps must be an integer >= 1")
+        raise ConfigError(
+            f"T={T!r} is invalid: the number of diffusion steps must be an integer >= 1"
+        )
     lr = cfg.get("optimizer", {}).get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"optimizer.lr={lr!r} is invalid: the learning rate must be > 0")
     decay = cfg.module.get("ema_decay")
     if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise ConfigError(f"module.ema_decay={decay!r} is invalid: it must be in [0, 1), e.g. 0.9999")
+        raise ConfigError(
+            f"module.ema_decay={decay!r} is invalid: it must be in [0, 1), e.g. 0.9999"
+        )
     warmup = cfg.module.get("warmup_steps", 0)
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"module.warmup_steps={warmup!r} is invalid: it must be an integer >= 0")
@@ -100,7 +104,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def build(node: DictConfig, path: str, **kwargs: Any) -> Any:
-    """``instantiate(node)``, with a constructor's ValueError/TypeError reported as a ConfigError."""
+    """``instantiate(node)``, a constructor's ValueError/TypeError reported as ConfigError."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:

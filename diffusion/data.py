@@ -42,7 +42,9 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-2:] == (size, size):
         return images
     out = [
-        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        F.interpolate(
+            chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         for chunk in images.split(4096)
     ]
     return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
@@ -115,7 +117,9 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         full = self.load()
         n_val = max(1, round(len(full) * self.val_fraction))
         if len(full) - n_val < 1:
-            raise DataError(f"{len(full)} image(s) are too few to split into training and validation")
+            raise DataError(
+                f"{len(full)} image(s) are too few to split into training and validation"
+            )
         generator = torch.Generator().manual_seed(self.seed)
         train, val = random_split(full, [len(full) - n_val, n_val], generator=generator)
         self.train_set, self.val_set = train, val
@@ -176,7 +180,9 @@ class TorchvisionDataModule(ImageDataModule):
 
     def __init__(self, dataset: str, root: str, image_size: int, channels: int, **kwargs) -> None:
         if dataset not in _TORCHVISION:
-            raise ConfigError(f"data.dataset={dataset!r} is unknown; choose one of {sorted(_TORCHVISION)}")
+            raise ConfigError(
+                f"data.dataset={dataset!r} is unknown; choose one of {sorted(_TORCHVISION)}"
+            )
         super().__init__(image_size, channels, **kwargs)
         self.dataset = dataset
         self.root = Path(root).expanduser()
@@ -261,7 +267,8 @@ class FolderImages(Dataset):
             except Exception as err:
                 if self.on_corrupt == "error":
                     raise DataError(
-                        f"cannot read image {path}: {err} (set data.on_corrupt=skip to skip such files)"
+                        f"cannot read image {path}: {err} "
+                        "(set data.on_corrupt=skip to skip such files)"
                     ) from None
                 log.warning("skipping unreadable image %s: %s", path, err)
         raise DataError(f"none of the {len(self.files)} files under the image folder could be read")
@@ -275,7 +282,9 @@ class ImageFolderDataModule(ImageDataModule):
         on_corrupt: ``skip`` (warn and use the next image) or ``error`` for unreadable files.
     """
 
-    def __init__(self, root: str, image_size: int, channels: int, on_corrupt: str = "skip", **kwargs) -> None:
+    def __init__(
+        self, root: str, image_size: int, channels: int, on_corrupt: str = "skip", **kwargs
+    ) -> None:
         super().__init__(image_size, channels, **kwargs)
         if on_corrupt not in ("skip", "error"):
             raise ConfigError(f"data.on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
@@ -284,8 +293,12 @@ class ImageFolderDataModule(ImageDataModule):
 
     def load(self) -> Dataset:
         if not self.root.is_dir():
-            raise DataError(f"data.root={str(self.root)!r} is not a folder; point it at a folder of images")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            raise DataError(
+                f"data.root={str(self.root)!r} is not a folder; point it at a folder of images"
+            )
+        files = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
         if not files:
             raise DataError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}; "

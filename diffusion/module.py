@@ -60,10 +60,14 @@ class DiffusionModule(LightningModule):
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
-        sampler = _plain(sampler) if sampler is not None else {
-            "_target_": "diffusion.samplers.ddpm_ancestral",
-            "_partial_": True,
-        }
+        sampler = (
+            _plain(sampler)
+            if sampler is not None
+            else {
+                "_target_": "diffusion.samplers.ddpm_ancestral",
+                "_partial_": True,
+            }
+        )
         image_shape = list(image_shape)
         self.save_hyperparameters()
         self.net = instantiate(net)
@@ -98,7 +102,10 @@ class DiffusionModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ----- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -126,7 +133,11 @@ class DiffusionModule(LightningModule):
         sampler = instantiate(self.hparams.sampler)
         device_gen = generator
         if generator is not None and self.device.type != "cpu":
-            device_gen = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        x0 = sampler(model, x_T, self.process, generator=device_gen, callback=callback, **sampler_options)
+            device_gen = torch.Generator(self.device).manual_seed(
+                int(torch.randint(2**62, (1,), generator=generator))
+            )
+        x0 = sampler(
+            model, x_T, self.process, generator=device_gen, callback=callback, **sampler_options
+        )
         model.train(was_training)
         return x0.clamp(-1.0, 1.0)

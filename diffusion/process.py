@@ -79,7 +79,10 @@ class GaussianDiffusion(nn.Module):
     # ----- forward process --------------------------------------------------------------
     def q_step(self, x_prev: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_{t-1}) = N(√(1-β_t) x_{t-1}, β_t I) (Ho et al. Eq. 2), one step."""
-        return gather(self.alpha, t, x_prev).sqrt() * x_prev + gather(self.beta, t, x_prev).sqrt() * eps
+        return (
+            gather(self.alpha, t, x_prev).sqrt() * x_prev
+            + gather(self.beta, t, x_prev).sqrt() * eps
+        )
 
     def q_mean_var(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean √ᾱ_t x_0 and variance (1 - ᾱ_t) of q(x_t | x_0) (Ho et al. Eq. 4)."""
@@ -88,23 +91,28 @@ class GaussianDiffusion(nn.Module):
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) in one shot: x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (Ho et al. Eq. 4)."""
-        return gather(self.sqrt_alpha_bar, t, x0) * x0 + gather(
-            self.sqrt_one_minus_alpha_bar, t, x0
-        ) * eps
+        return (
+            gather(self.sqrt_alpha_bar, t, x0) * x0
+            + gather(self.sqrt_one_minus_alpha_bar, t, x0) * eps
+        )
 
     # ----- posterior and conversions ----------------------------------------------------
     def q_posterior(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean μ̃_t(x_t, x_0) and variance β̃_t of q(x_{t-1} | x_t, x_0) (Ho et al. Eqs. 6-7)."""
-        mean = gather(self.posterior_coef_x0, t, x_t) * x0 + gather(self.posterior_coef_xt, t, x_t) * x_t
+        mean = (
+            gather(self.posterior_coef_x0, t, x_t) * x0
+            + gather(self.posterior_coef_xt, t, x_t) * x_t
+        )
         return mean, gather(self.posterior_var, t, x_t)
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, Eq. 4 solved for x_0."""
-        return gather(self.sqrt_recip_alpha_bar, t, x_t) * x_t - gather(
-            self.sqrt_recipm1_alpha_bar, t, x_t
-        ) * eps
+        return (
+            gather(self.sqrt_recip_alpha_bar, t, x_t) * x_t
+            - gather(self.sqrt_recipm1_alpha_bar, t, x_t) * eps
+        )
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t), Eq. 4 solved for ε."""
@@ -146,7 +154,9 @@ class GaussianDiffusion(nn.Module):
         return {"mean": mean, "var": var, "eps_hat": eps_hat, "x0_hat": x0_hat}
 
     # ----- training objective -----------------------------------------------------------
-    def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_t(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """t ~ Uniform{0, …, T-1}, shape (batch,)."""
         return torch.randint(0, self.T, (batch,), device=device, generator=generator)
 

@@ -35,7 +35,7 @@ def _scaled(beta_start: float, beta_end: float, T: int) -> tuple[float, float]:
 
 
 def linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """β_t linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020, Sec. 4), end points at T=1000."""
+    """β_t linear from ``beta_start`` to ``beta_end`` (Ho et al. 2020, Sec. 4), at T=1000."""
     _check_T(T)
     start, end = _scaled(beta_start, beta_end, T)
     beta = torch.linspace(start, end, T, dtype=torch.float64)
@@ -43,7 +43,7 @@ def linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Te
 
 
 def quadratic(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """√β_t linear from √beta_start to √beta_end (DDIM / diffusers' ``scaled_linear``), at T=1000."""
+    """√β_t linear from √beta_start to √beta_end (diffusers' ``scaled_linear``), at T=1000."""
     _check_T(T)
     start, end = _scaled(beta_start, beta_end, T)
     beta = torch.linspace(math.sqrt(start), math.sqrt(end), T, dtype=torch.float64) ** 2

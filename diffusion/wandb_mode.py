@@ -14,14 +14,16 @@ def has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        auth = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
+        auth = netrc.netrc().authenticators(
+            os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]
+        )
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
     return bool(auth and auth[2])
 
 
 def ensure_wandb_never_blocks() -> str:
-    """Set ``WANDB_MODE=offline`` when no mode is chosen and no credentials exist; return the mode."""
+    """Set ``WANDB_MODE=offline`` without a chosen mode or credentials; return the mode."""
     mode = os.environ.get("WANDB_MODE")
     if not mode:
         mode = "online" if has_wandb_credentials() else "offline"

@@ -49,7 +49,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.in_layers = nn.Sequential(_norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            _norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1)
+        )
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
         self.out_layers = nn.Sequential(
             _norm(c_out, groups),
@@ -155,14 +157,20 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         emb_dim = 4 * width
         self.width = width
-        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
         self.input_conv = nn.Conv2d(in_channels, width, 3, padding=1)
 
         def res(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)
 
         def attn(level: int, c: int) -> nn.Module:
-            return AttentionBlock(c, num_heads, norm_groups) if level in attention_levels else nn.Identity()
+            return (
+                AttentionBlock(c, num_heads, norm_groups)
+                if level in attention_levels
+                else nn.Identity()
+            )
 
         skip_channels = [width]
         ch = width

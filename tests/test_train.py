@@ -1,0 +1,157 @@
+"""The real entry point trains a few steps on every data config that can run offline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusion import schedules
+from diffusion.data import TorchvisionDataModule
+from diffusion.errors import DataError
+from diffusion.module import DiffusionModule
+from diffusion.train import train
+
+from conftest import compose_train, run_cli
+from datafiles import write_cifar10, write_image_folder, write_mnist
+
+
+def run_train(overrides: list[str], out: Path) -> float | None:
+    return train(compose_train(overrides, out))
+
+
+def assert_run_artifacts(
+    out: Path, n: int = 4, channels: int = 1, size: int = 16
+) -> DiffusionModule:
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    grid = out / "samples" / "final.png"
+    assert grid.is_file() and (out / "samples" / "step_000002.png").is_file()
+    with Image.open(grid) as img:
+        # a 2×2 grid of `size` images with 1-pixel padding
+        assert img.size == (2 * size + 3, 2 * size + 3)
+    module = DiffusionModule.load_from_checkpoint(
+        out / "checkpoints" / "last.ckpt", map_location="cpu"
+    )
+    images = module.sample(n, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (n, channels, size, size) and torch.isfinite(images).all()
+    return module
+
+
+def test_digits_trains_checkpoints_samples_and_reloads(tiny, tmp_path):
+    val_loss = run_train([*tiny, "schedule=cosine"], tmp_path)
+    assert val_loss is not None and 0 < val_loss < 10
+    module = assert_run_artifacts(tmp_path)
+    ckpt = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert ckpt["beta"].dtype == torch.float64
+    assert torch.equal(ckpt["beta"], schedules.cosine(20))
+    assert ckpt["global_step"] == 4
+    assert int(module.ema.num_updates) == 4
+    # the EMA weights moved away from the initial copy, and differ from the raw weights
+    assert not torch.equal(module.ema.module.input_conv.weight, module.net.input_conv.weight)
+    assert any(p.name.startswith("step_") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_image_folder_with_a_corrupt_file(tiny, tmp_path, caplog):
+    root = write_image_folder(tmp_path / "images")
+    with caplog.at_level(logging.WARNING):
+        run_train(
+            [*tiny, "data=image_folder", f"data.root={root}", "data.image_size=16",
+             "data.channels=3", "data.val_fraction=0.2"],
+            tmp_path / "run",
+        )  # fmt: skip
+    assert_run_artifacts(tmp_path / "run", channels=3)
+
+
+def test_image_folder_corrupt_file_as_error(tiny, tmp_path):
+    root = write_image_folder(tmp_path / "images", n=2)
+    with pytest.raises(DataError, match="broken.png"):
+        run_train(
+            [*tiny, "data=image_folder", f"data.root={root}", "data.image_size=16",
+             "data.channels=1", "data.on_corrupt=error", "data.val_fraction=0.4"],
+            tmp_path / "run",
+        )  # fmt: skip
+
+
+def test_empty_image_folder_is_a_clear_error(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        run_train([*tiny, "data=image_folder", f"data.root={tmp_path / 'empty'}"], tmp_path / "run")
+
+
+@pytest.mark.parametrize("dataset,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_format_files(tiny, tmp_path, dataset, folder):
+    write_mnist(tmp_path / "data", folder)
+    run_train(
+        [*tiny, f"data={dataset}", f"data.root={tmp_path / 'data'}", "data.image_size=16"],
+        tmp_path / "run",
+    )
+    assert_run_artifacts(tmp_path / "run")
+
+
+def test_cifar10_format_files(tiny, tmp_path):
+    write_cifar10(tmp_path / "data")
+    run_train([*tiny, "data=cifar10", f"data.root={tmp_path / 'data'}"], tmp_path / "run")
+    assert_run_artifacts(tmp_path / "run", channels=3, size=32)
+
+
+def test_missing_dataset_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -3]>"
+        )
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    dm = TorchvisionDataModule("mnist", str(tmp_path), image_size=28, channels=1)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in message and "train-images-idx3-ubyte" in message
+
+
+def test_tensorboard_logger_writes_events(tiny, tmp_path):
+    run_train([*tiny, "logger=tensorboard"], tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_cli_quickstart_entry_point(tiny, tmp_path):
+    proc = run_cli(tiny, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1
+    assert (runs[0] / "samples" / "final.png").is_file()
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert (runs[0] / "csv" / "metrics.csv").is_file()
+
+
+def test_cli_multirun_over_two_schedules(tiny, tmp_path):
+    proc = run_cli(["-m", "schedule=linear,cosine", *tiny], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    runs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in runs] == ["0", "1"]
+    schedules_used = []
+    for run in runs:
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        schedules_used.append(
+            (run / "config.yaml").read_text().split("diffusion.schedules.")[1].split()[0]
+        )
+    assert schedules_used == ["linear", "cosine"]
+
+
+def test_cli_wandb_offline_without_credentials(tiny, tmp_path):
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "", "WANDB_API_KEY": ""}
+    proc = run_cli([*tiny, "logger=wandb"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((tmp_path / "outputs" / "runs").iterdir())
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("*.wandb"))

@@ -1,0 +1,77 @@
+"""The ε-prediction U-Net: shapes for every model config, the paper's parameter count."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from diffusion.nn import UNet
+from diffusion.nn.unet import timestep_embedding
+
+from conftest import compose_train
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "model,data,extra",
+    [
+        ("unet_small", "digits", []),
+        ("unet_small", "mnist", []),
+        ("unet_small", "cifar10", []),
+        ("unet_base", "cifar10", []),
+        ("unet_base", "mnist", ["data.image_size=32"]),
+        ("unet_small", "image_folder", ["data.root=x", "data.image_size=64", "data.channels=1"]),
+    ],
+)
+def test_output_shape_for_every_model_config(model, data, extra):
+    cfg = compose_train([f"model={model}", f"data={data}", *extra])
+    net = instantiate(cfg.model).eval()
+    c, s = cfg.data.channels, cfg.data.image_size
+    x = torch.randn(2, c, s, s)
+    with torch.no_grad():
+        out = net(x, torch.tensor([0, cfg.T - 1]))
+    assert out.shape == x.shape
+
+
+def test_unet_base_has_the_papers_35_7M_parameters():
+    cfg = compose_train(["model=unet_base", "data=cifar10"])
+    assert n_params(instantiate(cfg.model)) == 35_746_307
+
+
+def test_unet_small_size():
+    cfg = compose_train(["model=unet_small", "data=mnist"])
+    assert 1.5e6 < n_params(instantiate(cfg.model)) < 2.5e6
+
+
+def test_overrides_change_the_architecture():
+    cfg = compose_train(["model.width=16", "model.channel_mult=[1,2]", "model.attention_levels=[]"])
+    net = instantiate(cfg.model)
+    assert net.input_conv.out_channels == 16 and len(net.down) == 2
+    assert not any(type(m).__name__ == "AttentionBlock" for lvl in net.down for m in lvl.attns)
+
+
+@pytest.mark.parametrize(
+    "size,levels,suggest", [(30, 3, "28 or 32"), (28, 4, "24 or 32"), (2, 3, "4 or 8")]
+)
+def test_image_size_the_unet_cannot_take_names_sizes_that_work(size, levels, suggest):
+    with pytest.raises(ValueError, match=suggest):
+        UNet(size, channel_mult=[1] * levels)
+
+
+def test_time_embedding_distinguishes_neighbouring_steps():
+    emb = timestep_embedding(torch.tensor([0, 1, 999]), 32)
+    assert emb.shape == (3, 32)
+    assert (emb[0] - emb[1]).abs().max() > 0.1
+
+
+def test_output_starts_at_zero_and_depends_on_t_after_a_step():
+    net = UNet(8, 1, width=8, channel_mult=[1, 2], norm_groups=4)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.count_nonzero(net(x, torch.tensor([0, 5]))) == 0  # zero-initialised output conv
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    (net(x, torch.tensor([0, 5])) - 1).pow(2).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(net(x[:1], torch.tensor([0])), net(x[:1], torch.tensor([500])))
