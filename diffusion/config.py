@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.errors import ConfigError, UserError
 
@@ -49,6 +49,8 @@ def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
         if "_target_" in node:
             yield path, node
         for key in node.keys():
+            if OmegaConf.is_interpolation(node, key):
+                continue  # e.g. module.net: ${model}, checked where it is defined
             yield from _target_nodes(node.get(key), f"{path}.{key}" if path else str(key))
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
@@ -108,7 +110,9 @@ def build(node: DictConfig, path: str, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        cause = err.__cause__
+        cause: BaseException | None = err
+        while isinstance(cause, InstantiationException):  # nested instantiate() calls
+            cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):

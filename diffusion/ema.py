@@ -28,11 +28,16 @@ class EMA(nn.Module):
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.module = copy.deepcopy(module).requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # host copy of num_updates, so an update needs no device sync; refreshed after loading
+        self._n: int | None = None
+        self.register_load_state_dict_post_hook(lambda ema, keys: setattr(ema, "_n", None))
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        if self._n is None:
+            self._n = int(self.num_updates)
+        n = self._n
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -41,14 +46,9 @@ class EMA(nn.Module):
         params = [p.detach() for p in module.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay())
         self.num_updates += 1
+        self._n += 1
         for ema_buf, buf in zip(self.module.buffers(), module.buffers(), strict=True):
             ema_buf.copy_(buf)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         return self.module(*args)
-
-    def train(self, mode: bool = True) -> EMA:
-        # the averaged copy is always in eval mode (no dropout).
-        super().train(mode)
-        self.module.eval()
-        return self
