@@ -16,8 +16,10 @@ def test_update_is_the_moving_average_with_warmup():
                 p.add_(torch.randn_like(p))
         ema.update(net)
         d = min(0.99, (1 + n) / (10 + n))
-        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
-    for e, p in zip(expected, ema.module.parameters()):
+        expected = [
+            d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters(), strict=True)
+        ]
+    for e, p in zip(expected, ema.module.parameters(), strict=True):
         assert torch.allclose(e, p, atol=1e-6)
     assert int(ema.num_updates) == 30
 
@@ -30,7 +32,7 @@ def test_update_without_warmup_uses_the_fixed_decay():
         for p in net.parameters():
             p.add_(1.0)
     ema.update(net)
-    for b, p, q in zip(before, ema.module.parameters(), net.parameters()):
+    for b, p, q in zip(before, ema.module.parameters(), net.parameters(), strict=True):
         assert torch.allclose(p, 0.9 * b + 0.1 * q)
 
 
