@@ -116,3 +116,21 @@ def test_cli_rejects_bad_input_in_seconds_without_a_traceback(args, message, tmp
     assert "Traceback" not in proc.stderr
     if args[0] == "schedule=cosin":
         assert "cosine" in proc.stderr  # Hydra lists the available options
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_checks_and_builds(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}"], tmp_path)
+    check_config(cfg)
+    module = build(cfg.module, "module")
+    assert module.process.T == cfg.T
+    assert build(cfg.data, "data").batch_size == cfg.data.batch_size
+
+
+def test_ddpm_cifar10_experiment_is_the_papers_setup():
+    cfg = compose_train(["experiment=ddpm_cifar10"])
+    assert cfg.model.width == 128 and list(cfg.model.channel_mult) == [1, 2, 2, 2]
+    assert cfg.T == 1000 and cfg.schedule._target_.endswith(".linear")
+    assert cfg.optimizer.lr == 2e-4 and cfg.data.batch_size == 128 and cfg.data.hflip
+    assert cfg.module.warmup_steps == 5000 and cfg.module.ema_decay == 0.9999
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.max_steps == 800_000

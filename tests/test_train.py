@@ -121,6 +121,12 @@ def test_tensorboard_logger_writes_events(tiny, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_no_logger_still_writes_checkpoints_and_grids(tiny, tmp_path):
+    run_train([*tiny, "logger=none"], tmp_path)
+    assert_run_artifacts(tmp_path)
+    assert not (tmp_path / "csv").exists()
+
+
 def test_cli_quickstart_entry_point(tiny, tmp_path):
     proc = run_cli(tiny, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,3 +161,5 @@ def test_cli_wandb_offline_without_credentials(tiny, tmp_path):
     offline_runs = list((run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("*.wandb"))
+    # the sample grids went to W&B as images
+    assert list(offline_runs[0].glob("files/media/images/samples_*.png"))
