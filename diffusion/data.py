@@ -24,6 +24,11 @@ from diffusion.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
 class TensorImages(Dataset):
     """A uint8 tensor (N, C, H, W) as a dataset of images."""
 
@@ -143,7 +148,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         return self._loader(self.val_set, shuffle=False)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
-        x = batch.float() / 127.5 - 1.0  # uint8 [0, 255] -> [-1, 1]
+        x = to_model_range(batch)
         if self.hflip and self.trainer is not None and self.trainer.training:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)

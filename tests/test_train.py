@@ -30,6 +30,8 @@ def assert_run_artifacts(
     assert (out / "checkpoints" / "last.ckpt").is_file()
     grid = out / "samples" / "final.png"
     assert grid.is_file() and (out / "samples" / "step_000002.png").is_file()
+    assert (out / "samples" / "denoise_final.png").is_file()
+    assert (out / "plots" / "schedule.png").is_file()
     with Image.open(grid) as img:
         # a 2×2 grid of `size` images with 1-pixel padding
         assert img.size == (2 * size + 3, 2 * size + 3)
@@ -162,4 +164,5 @@ def test_cli_wandb_offline_without_credentials(tiny, tmp_path):
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("*.wandb"))
     # the sample grids went to W&B as images
-    assert list(offline_runs[0].glob("files/media/images/samples_*.png"))
+    for key in ("samples", "denoising", "schedule"):
+        assert list(offline_runs[0].glob(f"files/media/images/{key}_*.png")), key

@@ -1,0 +1,207 @@
+"""Pictures of the process: schedule curves, forward-noising strips, denoising trajectories.
+
+Pure functions from tensors to matplotlib Figures / image tensors; the entry point
+(``diffusion.visualize``) and the training callbacks save and log them. Figures are built with
+``matplotlib.figure.Figure`` (no pyplot, no GUI backend). Images are drawn with nearest-neighbour
+interpolation, so a 16×16 or 28×28 digit stays sharp at any display size.
+
+Steps in strips are the paper's t ∈ {0, …, T}: t = 0 is the data x_0 and t ≥ 1 is code index
+t - 1 (see diffusion.process).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import torch
+from matplotlib.figure import Figure
+
+from diffusion.process import GaussianDiffusion
+
+CELL_INCHES = 0.9  # side of one image in a strip, at DPI pixels per inch
+DPI = 100
+
+
+def schedule_curves(beta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The arrays a schedule plot draws, in float64, indexed by the paper's t = 1..T.
+
+    Returns ``t``, ``beta``, ``alpha_bar``, ``sqrt_alpha_bar`` and
+    ``log_snr`` = log(ᾱ_t / (1 - ᾱ_t)).
+    """
+    beta = beta.double().cpu()
+    alpha_bar = torch.cumprod(1.0 - beta, 0)
+    return {
+        "t": torch.arange(1, beta.shape[0] + 1, dtype=torch.float64),
+        "beta": beta,
+        "alpha_bar": alpha_bar,
+        "sqrt_alpha_bar": alpha_bar.sqrt(),
+        "log_snr": torch.log(alpha_bar) - torch.log1p(-alpha_bar),
+    }
+
+
+PANELS = [  # key, title, y-axis label, y scale (all quantities are dimensionless)
+    ("beta", "β_t, noise added at step t", "β_t (log scale)", "log"),
+    ("alpha_bar", "ᾱ_t = ∏ (1 − β_i), signal variance kept", "ᾱ_t", "linear"),
+    ("sqrt_alpha_bar", "√ᾱ_t, scale of x_0 in x_t", "√ᾱ_t", "linear"),
+    ("log_snr", "log-SNR(t) = ln(ᾱ_t / (1 − ᾱ_t))", "log-SNR (natural log)", "linear"),
+]
+
+
+def plot_schedules(curves: dict[str, dict[str, torch.Tensor]], T: int) -> Figure:
+    """β_t, ᾱ_t, √ᾱ_t and log-SNR against t for each named schedule, one legend, shared t axis."""
+    fig = Figure(figsize=(10, 7), dpi=DPI, layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True)
+    for ax, (key, title, ylabel, scale) in zip(axes.flat, PANELS, strict=True):
+        for name, c in curves.items():
+            ax.plot(c["t"].numpy(), c[key].numpy(), label=name, linewidth=1.5)
+        ax.set_yscale(scale)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel(f"diffusion step t (1 … T = {T})")
+    axes[0, 0].legend(title="schedule")
+    fig.suptitle(f"Noise schedules at T = {T}")
+    return fig
+
+
+def paper_steps(T: int, num: int) -> list[int]:
+    """``num`` evenly spaced paper steps in [0, T], always including 0 and T, increasing."""
+    num = max(2, num)
+    return sorted({round(i * T / (num - 1)) for i in range(num)})
+
+
+def forward_strips(
+    process: GaussianDiffusion, x0: torch.Tensor, steps: Sequence[int], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t at paper steps ``steps`` for images ``x0`` (B, C, H, W), two ways from one seed:
+
+    one-shot q(x_t | x_0) with ε drawn once, and the iterated chain q(x_t | x_{t-1}).
+    Returns two tensors (len(steps), B, C, H, W).
+    """
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x0.shape, generator=g)
+    batch = x0.shape[0]
+    one_shot = [
+        x0 if s == 0 else process.q_sample(x0, torch.full((batch,), s - 1), eps) for s in steps
+    ]
+    g = torch.Generator().manual_seed(seed)
+    chain, x, wanted = [], x0, set(steps)
+    if 0 in wanted:
+        chain.append(x0)
+    for code_t in range(max(steps)):
+        x = process.q_step(x, torch.full((batch,), code_t), torch.randn(x.shape, generator=g))
+        if code_t + 1 in wanted:
+            chain.append(x)
+    return torch.stack(one_shot), torch.stack(chain)
+
+
+def _show(ax, image: torch.Tensor) -> None:
+    """Draw one (C, H, W) image in [-1, 1] with crisp pixels and no axes."""
+    img = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0)
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(img.numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def plot_strips(
+    rows: Sequence[tuple[str, torch.Tensor]], column_titles: Sequence[str], title: str
+) -> Figure:
+    """A labelled grid of images: each row is (label, images (num_columns, C, H, W))."""
+    n_rows, n_cols = len(rows), len(column_titles)
+    fig = Figure(figsize=(1.3 + CELL_INCHES * n_cols, 0.6 + CELL_INCHES * n_rows), dpi=DPI)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
+    for r, (label, images) in enumerate(rows):
+        for c in range(n_cols):
+            _show(axes[r, c], images[c])
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    for c, name in enumerate(column_titles):
+        axes[0, c].set_title(name, fontsize=9)
+    fig.suptitle(title)
+    fig.subplots_adjust(left=1.2 / (1.3 + CELL_INCHES * n_cols), right=0.99, bottom=0.02)
+    return fig
+
+
+def figure_to_tensor(fig: Figure) -> torch.Tensor:
+    """Render a Figure to a float (3, H, W) image in [0, 1], for loggers."""
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return pil_to_tensor(img.convert("RGB")).float() / 255.0
+
+
+def upscale(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
+    """Nearest-neighbour upscaling by an integer factor so each image is at least ``min_side``."""
+    factor = max(1, -(-min_side // images.shape[-1]))
+    return images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
+
+
+def save_gif(frames: Sequence[torch.Tensor], path, duration_ms: int = 60) -> None:
+    """Save (C, H, W) images in [0, 1] as an animated GIF; the last frame is held for 1 s."""
+    from PIL import Image
+
+    pil = []
+    for frame in frames:
+        arr = (frame.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pil.append(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr))
+    durations = [duration_ms] * (len(pil) - 1) + [1000]
+    pil[0].save(path, save_all=True, append_images=pil[1:], duration=durations, loop=0)
+
+
+class TrajectoryRecorder:
+    """A sampler callback keeping x_t and x̂_0 of the first ``k`` samples at chosen steps.
+
+    ``keep`` holds code indices t (see diffusion.process); ``every`` > 0 also keeps every
+    ``every``-th step for animations. After sampling, ``frames`` maps t to (x_t, x̂_0), each
+    (k, C, H, W) on the CPU, and ``final`` holds the sampler's output for those samples.
+    """
+
+    def __init__(self, keep: Sequence[int], k: int, every: int = 0) -> None:
+        self.keep = set(keep)
+        self.k = k
+        self.every = every
+        self.frames: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.final: torch.Tensor | None = None
+
+    def __call__(self, step) -> None:
+        if step.t in self.keep or (self.every and step.t % self.every == 0):
+            self.frames[step.t] = (step.x_t[: self.k].cpu(), step.x0_hat[: self.k].cpu())
+        if step.t == 0:
+            self.final = step.x_next[: self.k].cpu()
+
+
+def denoising_strip(recorder: TrajectoryRecorder, steps: Sequence[int], title: str) -> Figure:
+    """Rows x_t and x̂_0 for each recorded sample at paper steps ``steps`` (≥ 1), then x_0."""
+    assert recorder.final is not None, "run the sampler with the recorder first"
+    columns = [f"t={s}" for s in steps] + ["x_0"]
+    rows = []
+    for i in range(recorder.final.shape[0]):
+        x_t = [recorder.frames[s - 1][0][i] for s in steps] + [recorder.final[i]]
+        x0_hat = [recorder.frames[s - 1][1][i] for s in steps] + [recorder.final[i]]
+        rows += [(f"#{i} x_t", torch.stack(x_t)), (f"#{i} x̂_0", torch.stack(x0_hat))]
+    return plot_strips(rows, columns, title)
+
+
+def denoising_frames(recorder: TrajectoryRecorder) -> list[torch.Tensor]:
+    """GIF frames from T to 0, every ``recorder.every`` steps: top row x_t, bottom row x̂_0,
+    samples side by side, in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    frames = []
+    animated = [t for t in recorder.frames if not recorder.every or t % recorder.every == 0]
+    for t in sorted(animated, reverse=True):
+        x_t, x0_hat = recorder.frames[t]
+        pair = torch.cat([x_t, x0_hat]).clamp(-1, 1)
+        grid = make_grid((upscale(pair) + 1) / 2, nrow=x_t.shape[0], padding=2, pad_value=1.0)
+        frames.append(grid)
+    return frames

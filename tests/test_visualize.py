@@ -1,0 +1,118 @@
+"""``diffusion.visualize`` modes and the arrays the plots draw (diffusion.plots)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+from diffusion import plots, schedules
+from diffusion.errors import ConfigError
+from diffusion.process import GaussianDiffusion
+from diffusion.visualize import visualize
+
+from conftest import TINY, compose_train
+
+
+def compose_viz(overrides: list[str], out) -> object:
+    with initialize_config_module("diffusion.conf", version_base="1.3"):
+        return compose("visualize", overrides=[*overrides, f"out_dir={out}"])
+
+
+def strip_size(n_cols: int, n_rows: int) -> tuple[int, int]:
+    """Pixel size of plots.plot_strips' figure."""
+    w = (1.3 + plots.CELL_INCHES * n_cols) * plots.DPI
+    h = (0.6 + plots.CELL_INCHES * n_rows) * plots.DPI
+    return round(w), round(h)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid", "quadratic"])
+def test_schedule_curves_are_the_schedule_modules_arrays(name):
+    beta = getattr(schedules, name)(1000)
+    curves = plots.schedule_curves(beta)
+    process = GaussianDiffusion(beta)
+    assert torch.equal(curves["beta"], beta)
+    assert torch.allclose(curves["alpha_bar"], torch.cumprod(1 - beta, 0))
+    assert torch.allclose(curves["sqrt_alpha_bar"].float(), process.sqrt_alpha_bar, rtol=1e-5)
+    assert torch.allclose(curves["log_snr"].exp().float(), process.snr, rtol=1e-4)
+    assert curves["t"][0] == 1 and curves["t"][-1] == 1000
+
+
+def test_schedule_plot_draws_those_arrays():
+    betas = {"linear": schedules.linear(100), "cosine": schedules.cosine(100)}
+    curves = {k: plots.schedule_curves(v) for k, v in betas.items()}
+    fig = plots.plot_schedules(curves, 100)
+    axes = fig.axes
+    for ax, (key, *_rest) in zip(axes, plots.PANELS, strict=True):
+        drawn = {line.get_label(): line for line in ax.lines}
+        assert set(drawn) == {"linear", "cosine"}
+        for name, c in curves.items():
+            assert torch.allclose(torch.as_tensor(drawn[name].get_ydata()), c[key])
+            assert torch.equal(torch.as_tensor(drawn[name].get_xdata()), c["t"])
+    assert axes[0].get_yscale() == "log"
+    assert "diffusion step t" in axes[3].get_xlabel()
+
+
+def test_paper_steps_include_both_ends():
+    assert plots.paper_steps(1000, 5) == [0, 250, 500, 750, 1000]
+    assert plots.paper_steps(3, 10) == [0, 1, 2, 3]
+
+
+def test_forward_strips_start_at_the_data_and_match_q_sample():
+    process = GaussianDiffusion(schedules.linear(50))
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    one_shot, chain = plots.forward_strips(process, x0, [0, 1, 25, 50], seed=3)
+    assert one_shot.shape == chain.shape == (4, 2, 1, 4, 4)
+    assert torch.equal(one_shot[0], x0) and torch.equal(chain[0], x0)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(one_shot[2], process.q_sample(x0, torch.full((2,), 24), eps))
+    # the chain's first step uses the same first noise draw as the one-shot sample
+    assert torch.allclose(chain[1], one_shot[1], atol=1e-6)
+
+
+def test_mode_forward(tmp_path):
+    paths = visualize(compose_viz(["mode=forward", "n=2", "T=100", "num_steps=5"], tmp_path))
+    assert [p.name for p in paths] == ["forward.png"]
+    with Image.open(paths[0]) as img:
+        assert img.size == strip_size(5, 4)
+
+
+def test_mode_schedules(tmp_path):
+    paths = visualize(compose_viz(["mode=schedules", "T=200", "num_steps=6"], tmp_path))
+    assert [p.name for p in paths] == ["schedules.png", "schedules_forward.png"]
+    with Image.open(paths[0]) as img:
+        assert img.size == (1000, 700)
+    with Image.open(paths[1]) as img:
+        assert img.size == strip_size(6, 4)  # four schedules stacked
+
+
+def test_mode_schedules_rejects_an_unknown_schedule(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown schedule 'cosin'; available: \['cosine'"):
+        visualize(compose_viz(["mode=schedules", "schedules=[cosin]"], tmp_path))
+
+
+def test_mode_denoise_from_a_checkpoint(tmp_path):
+    from diffusion.train import train
+
+    train(compose_train([*TINY, "trainer.max_steps=2"], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_viz(
+        ["mode=denoise", f"ckpt={ckpt}", "n=2", "num_steps=5", "gif_frames=10"], tmp_path
+    )
+    paths = visualize(cfg)
+    assert [p.name for p in paths] == ["denoise.png", "denoise.gif"]
+    with Image.open(paths[0]) as img:
+        assert img.size == strip_size(4 + 1, 4)  # steps 20, 15, 10, 5 and x_0; x_t and x̂_0 rows
+    with Image.open(paths[1]) as gif:
+        assert gif.n_frames == 10  # T = 20, every 2nd step
+        assert gif.size[0] >= 2 * 64  # two 16×16 samples upscaled to at least 64 pixels each
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("mode=backward", "mode='backward' is unknown"), ("mode=denoise", "needs a checkpoint")],
+)
+def test_bad_mode_input(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        visualize(compose_viz([override], tmp_path))
