@@ -66,9 +66,7 @@ class SampleGrid(Callback):
     @rank_zero_only
     def _draw(self, trainer: Trainer, module: LightningModule, name: str) -> None:
         self._drawn_at = trainer.global_step
-        T = module.process.T
-        steps = sorted((s for s in plots.paper_steps(T, self.strip_steps) if s >= 1), reverse=True)
-        recorder = plots.TrajectoryRecorder([s - 1 for s in steps], k=self.strip_n)
+        recorder = plots.TrajectoryRecorder(k=self.strip_n)
         generator = torch.Generator().manual_seed(self.seed)
         images = module.sample(
             self.n, generator=generator, callback=recorder if self.strip_n else None
@@ -81,7 +79,7 @@ class SampleGrid(Callback):
         log_image(trainer, "samples", grid, trainer.global_step)
         if self.strip_n:
             title = f"Reverse process at step {trainer.global_step} (EMA)"
-            fig = plots.denoising_strip(recorder, steps, title)
+            fig = plots.denoising_strip(recorder, self.strip_steps, title)
             fig.savefig(self.dirpath / f"denoise_{name}.png", dpi=plots.DPI)
             log_image(trainer, "denoising", plots.figure_to_tensor(fig), trainer.global_step)
 

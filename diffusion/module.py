@@ -119,25 +119,26 @@ class DiffusionModule(LightningModule):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         callback: Callback | None = None,
-        **sampler_options: Any,
+        sampler: Mapping | None = None,
+        x_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Draw ``n`` images in [-1, 1], shape (n, C, H, W), with the configured sampler.
+        """Draw ``n`` images in [-1, 1], shape (n, C, H, W).
 
-        ``generator`` (a CPU generator) fixes the initial noise and the sampler's noise.
-        ``sampler_options`` override the sampler config (e.g. ``variance="beta_tilde"``).
+        ``sampler`` is a ``_partial_`` sampler config (default: the one the model was trained
+        with); ``generator`` (a CPU generator) fixes the initial noise x_T ~ N(0, I) and the
+        sampler's noise, or ``x_T`` gives the initial noise directly.
         """
         model = self.ema if use_ema else self.net
         was_training = model.training
         model.eval()
-        x_T = torch.randn((n, *self.image_shape), generator=generator).to(self.device)
-        sampler = instantiate(self.hparams.sampler)
+        if x_T is None:
+            x_T = torch.randn((n, *self.image_shape), generator=generator)
+        x_T = x_T.to(self.device)
+        sample_fn = instantiate(_plain(sampler) if sampler is not None else self.hparams.sampler)
         device_gen = generator
         if generator is not None and self.device.type != "cpu":
-            device_gen = torch.Generator(self.device).manual_seed(
-                int(torch.randint(2**62, (1,), generator=generator))
-            )
-        x0 = sampler(
-            model, x_T, self.process, generator=device_gen, callback=callback, **sampler_options
-        )
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            device_gen = torch.Generator(self.device).manual_seed(seed)
+        x0 = sample_fn(model, x_T, self.process, generator=device_gen, callback=callback)
         model.train(was_training)
         return x0.clamp(-1.0, 1.0)

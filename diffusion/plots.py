@@ -159,48 +159,56 @@ def save_gif(frames: Sequence[torch.Tensor], path, duration_ms: int = 60) -> Non
 
 
 class TrajectoryRecorder:
-    """A sampler callback keeping x_t and x̂_0 of the first ``k`` samples at chosen steps.
+    """A sampler callback keeping x_t and x̂_0 of the first ``k`` samples at every step.
 
-    ``keep`` holds code indices t (see diffusion.process); ``every`` > 0 also keeps every
-    ``every``-th step for animations. After sampling, ``frames`` maps t to (x_t, x̂_0), each
-    (k, C, H, W) on the CPU, and ``final`` holds the sampler's output for those samples.
+    After sampling, ``frames`` maps each visited code index t (see diffusion.process) to
+    (x_t, x̂_0), each (k, C, H, W) on the CPU, and ``final`` holds the sampler's output.
     """
 
-    def __init__(self, keep: Sequence[int], k: int, every: int = 0) -> None:
-        self.keep = set(keep)
+    def __init__(self, k: int) -> None:
         self.k = k
-        self.every = every
         self.frames: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.final: torch.Tensor | None = None
 
     def __call__(self, step) -> None:
-        if step.t in self.keep or (self.every and step.t % self.every == 0):
-            self.frames[step.t] = (step.x_t[: self.k].cpu(), step.x0_hat[: self.k].cpu())
-        if step.t == 0:
-            self.final = step.x_next[: self.k].cpu()
+        self.frames[step.t] = (step.x_t[: self.k].cpu(), step.x0_hat[: self.k].cpu())
+        self.final = step.x_next[: self.k].cpu()  # the last call leaves the sampler's output
+
+    def pick(self, num: int) -> list[int]:
+        """``num`` visited indices, evenly spaced from the first (noisiest) to the last."""
+        visited = sorted(self.frames, reverse=True)
+        num = min(num, len(visited))
+        if num <= 1:
+            return visited[:1]
+        return [visited[round(i * (len(visited) - 1) / (num - 1))] for i in range(num)]
 
 
-def denoising_strip(recorder: TrajectoryRecorder, steps: Sequence[int], title: str) -> Figure:
-    """Rows x_t and x̂_0 for each recorded sample at paper steps ``steps`` (≥ 1), then x_0."""
+def denoising_strip(recorder: TrajectoryRecorder, num_columns: int, title: str) -> Figure:
+    """Rows x_t and x̂_0 for each recorded sample at ``num_columns`` visited steps, then x_0.
+
+    Columns are labelled with the paper's t (code index + 1).
+    """
     assert recorder.final is not None, "run the sampler with the recorder first"
-    columns = [f"t={s}" for s in steps] + ["x_0"]
+    ts = recorder.pick(num_columns)
+    columns = [f"t={t + 1}" for t in ts] + ["x_0"]
     rows = []
     for i in range(recorder.final.shape[0]):
-        x_t = [recorder.frames[s - 1][0][i] for s in steps] + [recorder.final[i]]
-        x0_hat = [recorder.frames[s - 1][1][i] for s in steps] + [recorder.final[i]]
+        x_t = [recorder.frames[t][0][i] for t in ts] + [recorder.final[i]]
+        x0_hat = [recorder.frames[t][1][i] for t in ts] + [recorder.final[i]]
         rows += [(f"#{i} x_t", torch.stack(x_t)), (f"#{i} x̂_0", torch.stack(x0_hat))]
     return plot_strips(rows, columns, title)
 
 
-def denoising_frames(recorder: TrajectoryRecorder) -> list[torch.Tensor]:
-    """GIF frames from T to 0, every ``recorder.every`` steps: top row x_t, bottom row x̂_0,
-    samples side by side, in [0, 1]."""
+def denoising_frames(recorder: TrajectoryRecorder, num_frames: int) -> list[torch.Tensor]:
+    """About ``num_frames`` GIF frames from x_T to x_0: top row x_t, bottom row x̂_0, samples
+    side by side, in [0, 1]; the last frame shows the output."""
     from torchvision.utils import make_grid
 
+    assert recorder.final is not None, "run the sampler with the recorder first"
     frames = []
-    animated = [t for t in recorder.frames if not recorder.every or t % recorder.every == 0]
-    for t in sorted(animated, reverse=True):
-        x_t, x0_hat = recorder.frames[t]
+    pairs = [recorder.frames[t] for t in recorder.pick(num_frames)]
+    pairs.append((recorder.final, recorder.final))
+    for x_t, x0_hat in pairs:
         pair = torch.cat([x_t, x0_hat]).clamp(-1, 1)
         grid = make_grid((upscale(pair) + 1) / 2, nrow=x_t.shape[0], padding=2, pad_value=1.0)
         frames.append(grid)

@@ -104,17 +104,14 @@ def run_denoise(cfg: DictConfig, out: Path) -> list[Path]:
     if not ckpt.is_file():
         raise ConfigError(f"ckpt={str(ckpt)!r} does not exist")
     module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu")
-    T = module.process.T
-    steps = [
-        s for s in (list(cfg.steps) if cfg.steps else plots.paper_steps(T, cfg.num_steps)) if s >= 1
-    ]
-    steps = sorted(set(steps), reverse=True)
-    every = max(1, T // cfg.gif_frames) if cfg.gif_frames else 0
-    recorder = plots.TrajectoryRecorder([s - 1 for s in steps], k=cfg.n, every=every)
-    module.sample(cfg.n, generator=torch.Generator().manual_seed(cfg.seed), callback=recorder)
-    fig = plots.denoising_strip(recorder, steps, f"Reverse process x_T → x_0 ({ckpt.name}, EMA)")
+    recorder = plots.TrajectoryRecorder(k=cfg.n)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    module.sample(cfg.n, generator=generator, callback=recorder, sampler=cfg.get("sampler"))
+    sampler = (cfg.get("sampler") or module.hparams.sampler)["_target_"].rsplit(".", 1)[-1]
+    title = f"Reverse process x_T → x_0 ({ckpt.name}, EMA, {sampler}, NFE {len(recorder.frames)})"
+    fig = plots.denoising_strip(recorder, cfg.num_steps, title)
     paths = [save(fig, out / "denoise.png")]
-    plots.save_gif(plots.denoising_frames(recorder), out / "denoise.gif")
+    plots.save_gif(plots.denoising_frames(recorder, cfg.gif_frames), out / "denoise.gif")
     return paths + [out / "denoise.gif"]
 
 

@@ -98,15 +98,22 @@ def test_mode_denoise_from_a_checkpoint(tmp_path):
     train(compose_train([*TINY, "trainer.max_steps=2"], tmp_path / "run"))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     cfg = compose_viz(
-        ["mode=denoise", f"ckpt={ckpt}", "n=2", "num_steps=5", "gif_frames=10"], tmp_path
+        ["mode=denoise", f"ckpt={ckpt}", "n=2", "num_steps=4", "gif_frames=10"], tmp_path
     )
     paths = visualize(cfg)
     assert [p.name for p in paths] == ["denoise.png", "denoise.gif"]
     with Image.open(paths[0]) as img:
-        assert img.size == strip_size(4 + 1, 4)  # steps 20, 15, 10, 5 and x_0; x_t and x̂_0 rows
+        assert img.size == strip_size(4 + 1, 4)  # 4 steps and x_0; x_t and x̂_0 rows for 2 samples
     with Image.open(paths[1]) as gif:
-        assert gif.n_frames == 10  # T = 20, every 2nd step
+        assert gif.n_frames == 10 + 1  # and the final image
         assert gif.size[0] >= 2 * 64  # two 16×16 samples upscaled to at least 64 pixels each
+    # any sampler: a 5-step DDIM trajectory
+    cfg = compose_viz(
+        ["mode=denoise", f"ckpt={ckpt}", "n=1", "sampler=ddim", "sampler.steps=5"], tmp_path
+    )
+    visualize(cfg)
+    with Image.open(tmp_path / "denoise.png") as img:
+        assert img.size == strip_size(5 + 1, 2)
 
 
 @pytest.mark.parametrize(
