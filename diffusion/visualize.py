@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import plots
+from diffusion.checkpoints import load_module
 from diffusion.config import build
 from diffusion.data import to_model_range
 from diffusion.errors import ConfigError, UserError
@@ -96,14 +97,10 @@ def run_schedules(cfg: DictConfig, out: Path) -> list[Path]:
 
 
 def run_denoise(cfg: DictConfig, out: Path) -> list[Path]:
-    from diffusion.module import DiffusionModule
-
     if not cfg.ckpt:
         raise ConfigError("mode=denoise needs a checkpoint: ckpt=path/to/last.ckpt")
     ckpt = Path(cfg.ckpt).expanduser()
-    if not ckpt.is_file():
-        raise ConfigError(f"ckpt={str(ckpt)!r} does not exist")
-    module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = load_module(ckpt)
     recorder = plots.TrajectoryRecorder(k=cfg.n)
     generator = torch.Generator().manual_seed(cfg.seed)
     module.sample(cfg.n, generator=generator, callback=recorder, sampler=cfg.get("sampler"))
