@@ -43,6 +43,8 @@ class DiffusionModule(LightningModule):
         sampler: ``_partial_`` sampler config used by :meth:`sample`.
         val_timesteps: validation loss is L_simple averaged over this many evenly spaced t's,
             with noise fixed per batch, so it is comparable across runs and checkpoints.
+        data: the data config the model is trained on, kept in the checkpoint so that
+            ``diffusion.evaluate`` finds the reference images.
     """
 
     def __init__(
@@ -57,9 +59,11 @@ class DiffusionModule(LightningModule):
         ema_warmup: bool = True,
         sampler: Mapping | None = None,
         val_timesteps: int = 10,
+        data: Mapping | None = None,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
+        data = _plain(data) if data is not None else None
         sampler = (
             _plain(sampler)
             if sampler is not None

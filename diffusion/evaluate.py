@@ -1,0 +1,173 @@
+"""Measure a checkpoint the way papers do: ``python -m diffusion.evaluate ckpt=<path> n=10000
+metrics=[fid,kid,is,bpd]``.
+
+- ``fid``, ``kid``, ``is``: ``n`` samples (configured sampler; default: the checkpoint's) against
+  the reference images (the checkpoint's dataset, ``reference_split``, at the model's resolution),
+  on FID Inception features (diffusion.metrics). Reference features are cached on disk per
+  dataset, split, resolution and count.
+- ``bpd``: bits per dimension from the variational bound (diffusion.likelihood) on ``bpd_n``
+  validation images, T network evaluations per image.
+
+Results and their protocol go to ``metrics.json`` in the run directory and to the logger.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion import metrics as M
+from diffusion.checkpoints import load_module
+from diffusion.config import build
+from diffusion.data import to_model_range
+from diffusion.errors import ConfigError, UserError
+from diffusion.likelihood import bits_per_dim
+from diffusion.sample import draw, pick_device, to_uint8
+
+METRICS = ("fid", "kid", "is", "bpd")
+
+
+def data_config(cfg: DictConfig, module) -> DictConfig:
+    if cfg.get("data"):
+        return cfg.data
+    if module.hparams.get("data"):
+        return OmegaConf.create(module.hparams.data)
+    raise ConfigError(
+        "the checkpoint does not name its dataset; choose one: data=mnist data.root=..."
+    )
+
+
+def split_images(data_cfg: DictConfig, split: str, limit: int | None) -> torch.Tensor:
+    """uint8 images (N, C, H, W) of the data module's ``split`` (train or val)."""
+    datamodule = build(data_cfg, "data")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    dataset = datamodule.train_set if split == "train" else datamodule.val_set
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return torch.stack([dataset[i] for i in range(n)])
+
+
+def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
+    """Evaluate as configured; returns what is written to ``metrics.json``.
+
+    ``feature_extractor`` replaces the Inception network (tests inject a small one).
+    """
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ConfigError("which checkpoint? give ckpt=outputs/runs/<run>/checkpoints/last.ckpt")
+    unknown = sorted(set(cfg.metrics) - set(METRICS))
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    if cfg.reference_split not in ("train", "val"):
+        raise ConfigError(f"reference_split must be 'train' or 'val', got {cfg.reference_split!r}")
+    device = pick_device(cfg.device)
+    module = load_module(cfg.ckpt, device)
+    data_cfg = data_config(cfg, module)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result: dict = {
+        "ckpt": str(Path(cfg.ckpt).resolve()),
+        "protocol": {"seed": cfg.seed, "use_ema": cfg.use_ema},
+    }
+
+    sample_metrics = [m for m in cfg.metrics if m in ("fid", "kid", "is")]
+    if sample_metrics:
+        extractor = feature_extractor or M.InceptionFeatures(cfg.inception_weights).to(device)
+        sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
+        images, nfe = draw(module, cfg.n, cfg.batch_size, cfg.seed, sampler, cfg.use_ema)
+        fake = M.extract(extractor, to_uint8(images), device=device)
+        extractor_name = getattr(extractor, "name", type(extractor).__name__)
+        ref_key = json.dumps(
+            {"data": OmegaConf.to_container(data_cfg, resolve=True), "split": cfg.reference_split,
+             "n": cfg.reference_n, "features": extractor_name},
+            sort_keys=True,
+        )  # fmt: skip
+        real = M.cached_reference_features(
+            ref_key,
+            lambda: M.extract(
+                extractor,
+                split_images(data_cfg, cfg.reference_split, cfg.reference_n),
+                device=device,
+            )["pool"],
+            cfg.cache_dir,
+        )
+        result["protocol"].update(
+            n_samples=cfg.n,
+            sampler=sampler or module.hparams.sampler,
+            nfe=nfe,
+            reference={"dataset": data_cfg.get("dataset", data_cfg._target_.rsplit(".", 1)[-1]),
+                       "split": cfg.reference_split, "n": int(real.shape[0]),
+                       "image_size": int(data_cfg.image_size)},
+            features="FID Inception-v3 (TF 2015-12-05), pool_3 2048-d, via torch-fidelity",
+        )  # fmt: skip
+        if "fid" in sample_metrics:
+            result["fid"] = M.frechet_distance(fake["pool"], real)
+        if "kid" in sample_metrics:
+            mean, std = M.kernel_inception_distance(
+                fake["pool"], real, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed
+            )
+            result["kid"], result["kid_std"] = mean, std
+        if "is" in sample_metrics:
+            if "logits" not in fake:
+                raise ConfigError("the feature extractor gives no logits, so no Inception Score")
+            result["is"], result["is_std"] = M.inception_score(fake["logits"])
+
+    if "bpd" in cfg.metrics:
+        x0 = to_model_range(split_images(data_cfg, "val", cfg.bpd_n)).to(device)
+        model = module.ema if cfg.use_ema else module.net
+        variance = cfg.bpd_variance or module.hparams.sampler.get("variance", "beta_tilde")
+        generator = torch.Generator().manual_seed(cfg.seed)
+        parts = [
+            bits_per_dim(model, module.process, batch, variance, generator)
+            for batch in x0.split(cfg.bpd_batch_size)
+        ]
+        terms = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        result["bpd"] = float(terms["total"].mean())
+        result["bpd_terms"] = {k: float(v.mean()) for k, v in terms.items() if k != "total"}
+        result["protocol"]["bpd"] = {
+            "n_images": int(x0.shape[0]),
+            "split": "val",
+            "variance": variance,
+            "T": module.process.T,
+        }
+
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    log_results(cfg, result)
+    return result
+
+
+def log_results(cfg: DictConfig, result: dict) -> None:
+    """Send the numbers (and the protocol, as hyperparameters) to the configured loggers."""
+    for name, node in (cfg.get("logger") or {}).items():
+        if not node:
+            continue
+        if "Wandb" in node._target_:
+            from diffusion.wandb_mode import ensure_wandb_never_blocks
+
+            ensure_wandb_never_blocks()
+        logger = build(node, f"logger.{name}")
+        logger.log_hyperparams({"protocol": result["protocol"], "ckpt": result["ckpt"]})
+        logger.log_metrics({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
+        logger.finalize("success")
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
+    print(f"{shown} -> {Path(cfg.out_dir) / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()

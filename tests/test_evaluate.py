@@ -1,0 +1,91 @@
+"""``python -m diffusion.evaluate`` end to end on a checkpoint trained for a few steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from test_metrics import NET
+
+from diffusion.evaluate import run
+from diffusion.train import train
+
+from conftest import TINY, compose_train
+
+
+def small_features(x):
+    return {"pool": NET(x)}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(compose_train([*TINY, "trainer.max_steps=2"], out))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def evaluate(overrides: list[str], out, **kwargs) -> dict:
+    with initialize_config_module("diffusion.conf", version_base="1.3"):
+        cfg = compose(
+            "evaluate", overrides=[*overrides, f"out_dir={out}", f"cache_dir={out}/cache"]
+        )
+    return run(cfg, **kwargs)
+
+
+def test_fid_kid_bpd_with_protocol_in_metrics_json(ckpt, tmp_path):
+    result = evaluate(
+        [f"ckpt={ckpt}", "n=40", "batch_size=20", "metrics=[fid,kid,bpd]", "sampler=ddim",
+         "sampler.steps=4", "reference_n=100", "kid_subset_size=30", "kid_subsets=5", "bpd_n=6"],
+        tmp_path, feature_extractor=small_features,
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == result
+    assert result["fid"] > 0 and result["kid"] == pytest.approx(result["kid"]) and result["bpd"] > 0
+    protocol = result["protocol"]
+    assert protocol["n_samples"] == 40 and protocol["nfe"] == 4 and protocol["seed"] == 0
+    assert protocol["reference"] == {
+        "dataset": "DigitsDataModule",
+        "split": "train",
+        "n": 100,
+        "image_size": 16,
+    }
+    assert protocol["sampler"]["_target_"] == "diffusion.samplers.ddim"
+    assert protocol["bpd"]["n_images"] == 6 and protocol["bpd"]["T"] == 20
+    assert set(result["bpd_terms"]) == {"prior", "vb", "decoder"}
+    # the reference features were cached: a second evaluation reads them
+    assert len(list((tmp_path / "cache").glob("ref_*.pt"))) == 1
+    again = evaluate(
+        [f"ckpt={ckpt}", "n=40", "batch_size=20", "metrics=[fid]", "sampler=ddim",
+         "sampler.steps=4", "reference_n=100"],
+        tmp_path, feature_extractor=small_features,
+    )  # fmt: skip
+    assert again["fid"] == pytest.approx(result["fid"], rel=1e-9)
+
+
+def test_inception_score_needs_logits(ckpt, tmp_path):
+    from diffusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no Inception Score"):
+        evaluate(
+            [f"ckpt={ckpt}", "n=4", "metrics=[is]", "reference_n=10"],
+            tmp_path,
+            feature_extractor=small_features,
+        )
+
+
+def test_bad_input(ckpt, tmp_path):
+    from diffusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown metric\(s\) \['fdi'\]"):
+        evaluate([f"ckpt={ckpt}", "metrics=[fdi]"], tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusion.evaluate"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "give ckpt=" in proc.stderr and "Traceback" not in proc.stderr
