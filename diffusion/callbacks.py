@@ -109,3 +109,115 @@ class SchedulePlot(Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.dirpath / "schedule.png", dpi=plots.DPI)
         log_image(trainer, "schedule", plots.figure_to_tensor(fig), trainer.global_step)
+
+
+class FIDCallback(Callback):
+    """Every ``every_n_steps`` optimizer steps, ``n`` EMA samples with a fast ``sampler`` and their
+    FID (and KID) against the first ``reference_n`` training images, logged as ``val/fid`` and
+    ``val/kid``.
+
+    Under DDP each rank draws its share with its own seed; the features are gathered, so every
+    rank computes the same number once from all ``n`` samples. Reference features are computed
+    once per dataset and resolution and cached in ``cache_dir``. ``extractor`` is a config of the
+    feature network (default: FID Inception, diffusion.metrics); when its weights are missing
+    and ``skip_without_weights`` is set, the callback turns itself off with a warning.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 5000,
+        n: int = 1000,
+        batch_size: int = 250,
+        sampler: dict | None = None,
+        reference_n: int = 10000,
+        extractor: dict | None = None,
+        cache_dir: str = ".cache",
+        kid: bool = True,
+        skip_without_weights: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.n = n
+        self.batch_size = batch_size
+        self.sampler = dict(sampler) if sampler else None
+        self.reference_n = reference_n
+        self.extractor_cfg = dict(extractor or {"_target_": "diffusion.metrics.InceptionFeatures"})
+        self.cache_dir = cache_dir
+        self.kid = kid
+        self.skip_without_weights = skip_without_weights
+        self.seed = seed
+        self.extractor = None
+        self.reference: torch.Tensor | None = None
+        self._done_at = -1  # global step of the last evaluation
+
+    def setup(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
+        if self.every_n_steps <= 0 or stage != "fit":
+            return
+        from hydra.utils import instantiate
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from diffusion.errors import UserError
+
+        try:
+            self.extractor = instantiate(self.extractor_cfg)
+        except Exception as err:
+            cause = err.__cause__ or err
+            if isinstance(cause, UserError) and self.skip_without_weights:
+                rank_zero_warn(f"FID callback off: {cause}")
+                self.every_n_steps = 0
+                return
+            raise
+        if isinstance(self.extractor, torch.nn.Module):
+            self.extractor = self.extractor.to(module.device)
+
+    def _reference(self, trainer: Trainer, module: LightningModule) -> torch.Tensor:
+        import json
+
+        from diffusion import metrics
+
+        if self.reference is None:
+            dm = trainer.datamodule
+            key = json.dumps(
+                {
+                    "data": module.hparams.get("data"),
+                    "n": self.reference_n,
+                    "features": self.extractor_cfg,
+                },
+                sort_keys=True,
+                default=str,
+            )
+
+            def compute() -> torch.Tensor:
+                train_set = dm.train_set
+                count = min(self.reference_n, len(train_set))
+                images = torch.stack([train_set[i] for i in range(count)])
+                return metrics.extract(self.extractor, images, device=module.device)["pool"]
+
+            self.reference = metrics.cached_reference_features(key, compute, self.cache_dir)
+        return self.reference
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
+        step = trainer.global_step
+        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        if not due or step == self._done_at:
+            return
+        self._done_at = step
+        from diffusion import metrics
+        from diffusion.sample import draw, to_uint8
+
+        real = self._reference(trainer, module)
+        world, rank = trainer.world_size, trainer.global_rank
+        local_n = -(-self.n // world)
+        images, _ = draw(
+            module, local_n, self.batch_size, self.seed + 1000 * rank, self.sampler, progress=False
+        )
+        fake = metrics.extract(self.extractor, to_uint8(images), device=module.device)["pool"]
+        gathered = module.all_gather(fake.to(module.device))
+        fake = gathered.reshape(-1, gathered.shape[-1])[: self.n].double().cpu()
+        module.log("val/fid", metrics.frechet_distance(fake, real), rank_zero_only=False)
+        if self.kid:
+            kid, _ = metrics.kernel_inception_distance(
+                fake, real, subsets=50, subset_size=min(1000, len(fake))
+            )
+            module.log("val/kid", kid)

@@ -25,7 +25,8 @@ from torch import nn
 
 from diffusion.errors import UserError
 
-FeatureFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+FeatureFn = Callable[[torch.Tensor], "dict[str, torch.Tensor] | torch.Tensor"]
+"""uint8 (N, 3, H, W) -> {"pool": (N, D), optionally "logits": (N, K)}, or the pool tensor alone."""
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -77,14 +78,17 @@ def extract(
     batch_size: int = 200,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Features of uint8 images (N, C, H, W), grayscale repeated to RGB; float64 on the CPU."""
+    """Features of uint8 images (N, C, H, W), grayscale repeated to RGB; float64 on the CPU.
+
+    Returns {"pool": (N, D), ...} whatever the extractor returns (a bare tensor is "pool")."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     chunks: dict[str, list[torch.Tensor]] = {}
     for batch in images.split(batch_size):
         if batch.shape[1] == 1:
             batch = batch.expand(-1, 3, -1, -1)
-        for key, value in features(batch.to(device)).items():
+        out = features(batch.to(device))
+        for key, value in (out if isinstance(out, dict) else {"pool": out}).items():
             chunks.setdefault(key, []).append(value.double().cpu())
     return {key: torch.cat(value) for key, value in chunks.items()}
 

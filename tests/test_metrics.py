@@ -9,9 +9,10 @@ from diffusion import metrics as M
 
 
 class SmallFeatures(nn.Module):
-    """A fixed random conv net: uint8 (N, 3, H, W) -> (N, 16)."""
+    """A fixed random conv net: uint8 (N, 3, H, W) -> (N, 16). ``weights_path`` is ignored (it
+    stands in for InceptionFeatures in configs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights_path: str | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Conv2d(3, 16, 3, stride=2)

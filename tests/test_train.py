@@ -166,3 +166,31 @@ def test_cli_wandb_offline_without_credentials(tiny, tmp_path):
     # the sample grids went to W&B as images
     for key in ("samples", "denoising", "schedule"):
         assert list(offline_runs[0].glob(f"files/media/images/{key}_*.png")), key
+
+
+def test_fid_callback_logs_val_fid(tiny, tmp_path):
+    run_train(
+        [*tiny, "callbacks.fid.every_n_steps=2", "callbacks.fid.n=12", "callbacks.fid.batch_size=8",
+         "callbacks.fid.reference_n=40", "callbacks.fid.sampler.steps=3",
+         "callbacks.fid.extractor._target_=test_metrics.SmallFeatures",
+         f"callbacks.fid.cache_dir={tmp_path / 'cache'}"],
+        tmp_path,
+    )  # fmt: skip
+    rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    values = {r.split(",")[header.index("val/fid")] for r in rows[1:]} - {""}
+    assert len(values) == 2 and all(float(v) > 0 for v in values)  # after steps 2 and 4
+    assert "val/kid" in header
+    assert len(list((tmp_path / "cache").glob("ref_*.pt"))) == 1  # reference features computed once
+
+
+def test_fid_callback_turns_itself_off_without_inception_weights(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    overrides = [
+        *tiny,
+        "callbacks.fid.every_n_steps=2",
+        f"callbacks.fid.extractor.weights_path={tmp_path / 'none.pth'}",
+    ]
+    with pytest.warns(UserWarning, match="FID callback off"):
+        run_train(overrides, tmp_path)
+    assert "val/fid" not in (tmp_path / "csv" / "metrics.csv").read_text()

@@ -1,0 +1,139 @@
+"""FID against the 10k MNIST test images and sampling wall time per sampler and NFE, from one
+checkpoint. Rows are appended to results.json as they finish (the slowest, DDPM at 1000 steps,
+last), so an interrupted run keeps what it measured; `--report` writes RESULTS.md and the plot.
+
+    python bench.py run/checkpoints/last.ckpt --weights PATH [--n 2000] [--rows ...]
+    python bench.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion import metrics as M
+from diffusion.checkpoints import load_module
+from diffusion.data import TorchvisionDataModule
+from diffusion.sample import draw, to_uint8
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results.json"
+ROWS = (
+    [("dpm_solver", s) for s in (10, 20, 50, 100)]
+    + [("ddim", s) for s in (10, 20, 50, 100)]
+    + [("ddpm", 1000)]
+)
+SAMPLERS = {
+    "ddim": {
+        "_target_": "diffusion.samplers.ddim",
+        "_partial_": True,
+        "eta": 0.0,
+        "spacing": "uniform",
+    },
+    "dpm_solver": {
+        "_target_": "diffusion.samplers.dpm_solver",
+        "_partial_": True,
+        "spacing": "logsnr",
+    },
+    "ddpm": {
+        "_target_": "diffusion.samplers.ddpm_ancestral",
+        "_partial_": True,
+        "variance": "beta",
+        "clip_x0": True,
+    },
+}
+
+
+def reference_features(extractor) -> torch.Tensor:
+    def compute():
+        dm = TorchvisionDataModule(
+            "mnist", str(HERE / "data"), image_size=28, channels=1, val_fraction=1e-4
+        )
+        images = dm.load().images  # all 10k test images
+        return M.extract(extractor, images, batch_size=100)["pool"]
+
+    return M.cached_reference_features("mnist-t10k/all/28/inception", compute, HERE / "cache")
+
+
+def measure(ckpt: str, weights: str, n: int, rows: list[tuple[str, int]]) -> None:
+    torch.manual_seed(0)
+    module = load_module(ckpt)
+    extractor = M.InceptionFeatures(weights)
+    real = reference_features(extractor)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+    results["protocol"] = {
+        "checkpoint": str(ckpt), "n_samples": n, "seed": 0, "batch_size": 250, "ema": True,
+        "reference": "MNIST test split, all 10,000 images, 28x28",
+        "features": "FID Inception-v3 pool_3 (torch-fidelity), grayscale repeated to RGB",
+        "machine": f"{platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+    }  # fmt: skip
+    done = {(r["sampler"], r["steps"]) for r in results["rows"]}
+    for name, steps in rows:
+        if (name, steps) in done:
+            continue
+        sampler = {**SAMPLERS[name], "steps": steps}
+        start = time.perf_counter()
+        images, nfe = draw(module, n, 250, 0, sampler, progress=False)
+        seconds = time.perf_counter() - start
+        fake = M.extract(extractor, to_uint8(images), batch_size=100)["pool"]
+        row = {"sampler": name, "steps": steps, "nfe": nfe, "fid": M.frechet_distance(fake, real),
+               "sampling_seconds": round(seconds, 1),
+               "seconds_per_image": round(seconds / n, 4)}  # fmt: skip
+        results["rows"].append(row)
+        RESULTS.write_text(json.dumps(results, indent=2))
+        print(row, flush=True)
+
+
+def report() -> None:
+    from matplotlib.figure import Figure
+
+    results = json.loads(RESULTS.read_text())
+    rows = sorted(results["rows"], key=lambda r: (r["sampler"], r["nfe"]))
+    lines = ["| sampler | NFE | FID | sampling time (s) | s / image |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells = [
+            r["sampler"],
+            r["nfe"],
+            f"{r['fid']:.2f}",
+            r["sampling_seconds"],
+            r["seconds_per_image"],
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    (HERE / "table.md").write_text("\n".join(lines) + "\n")
+    fig = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for name in SAMPLERS:
+        pts = [(r["nfe"], r["fid"]) for r in rows if r["sampler"] == name]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per sample (NFE, log scale)")
+    ax.set_ylabel(f"FID vs MNIST test (n = {results['protocol']['n_samples']})")
+    ax.set_title("Sample quality per network evaluation")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(HERE / "fid_vs_nfe.png")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("ckpt", nargs="?")
+    parser.add_argument(
+        "--weights", default=str(HERE / "../../../shared/data/fid-inception/" / M.WEIGHTS_NAME)
+    )
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--rows", nargs="*", default=None, help="e.g. ddim:20 dpm_solver:20")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        report()
+    else:
+        rows = [(r.split(":")[0], int(r.split(":")[1])) for r in args.rows] if args.rows else ROWS
+        measure(args.ckpt, args.weights, args.n, rows)
