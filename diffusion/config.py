@@ -118,3 +118,14 @@ def build(node: DictConfig, path: str, **kwargs: Any) -> Any:
         if isinstance(cause, (ValueError, TypeError)):
             raise ConfigError(f"{path}: {cause}") from None
         raise
+
+
+def build_loggers(loggers: DictConfig | None) -> list:
+    """Lightning loggers from the ``logger`` group (a mapping of name -> ``_target_`` node).
+    W&B is switched to offline mode first when it has no credentials, so it never prompts."""
+    nodes = {name: node for name, node in (loggers or {}).items() if node}
+    if any("WandbLogger" in node._target_ for node in nodes.values()):
+        from diffusion.wandb_mode import ensure_wandb_never_blocks
+
+        ensure_wandb_never_blocks()
+    return [build(node, f"logger.{name}") for name, node in nodes.items()]

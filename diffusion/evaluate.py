@@ -14,7 +14,6 @@ Results and their protocol go to ``metrics.json`` in the run directory and to th
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion import metrics as M
 from diffusion.checkpoints import load_module
-from diffusion.config import build
+from diffusion.config import build, build_loggers
 from diffusion.data import to_model_range
-from diffusion.errors import ConfigError, UserError
+from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.likelihood import bits_per_dim
 from diffusion.sample import draw, pick_device, to_uint8
 
@@ -145,14 +144,7 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
 
 def log_results(cfg: DictConfig, result: dict) -> None:
     """Send the numbers (and the protocol, as hyperparameters) to the configured loggers."""
-    for name, node in (cfg.get("logger") or {}).items():
-        if not node:
-            continue
-        if "Wandb" in node._target_:
-            from diffusion.wandb_mode import ensure_wandb_never_blocks
-
-            ensure_wandb_never_blocks()
-        logger = build(node, f"logger.{name}")
+    for logger in build_loggers(cfg.get("logger")):
         logger.log_hyperparams({"protocol": result["protocol"], "ckpt": result["ckpt"]})
         logger.log_metrics({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
         logger.finalize("success")
@@ -160,11 +152,8 @@ def log_results(cfg: DictConfig, result: dict) -> None:
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         result = run(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
     print(f"{shown} -> {Path(cfg.out_dir) / 'metrics.json'}")
 

@@ -13,7 +13,6 @@ EMA weights by default (``use_ema=false`` for the raw ones). The same seed, ``n`
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from diffusion import plots
 from diffusion.callbacks import to_grid
 from diffusion.checkpoints import load_module
-from diffusion.errors import ConfigError, UserError
+from diffusion.errors import ConfigError, exit_on_user_error
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -129,11 +128,8 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         info = run(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"{info['n']} samples, NFE {info['nfe']}, {info['seconds']:.1f} s -> {cfg.out_dir}")
 
 

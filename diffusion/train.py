@@ -9,15 +9,14 @@ Returns the final validation loss (for sweepers).
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.config import build, check_config
-from diffusion.errors import UserError
+from diffusion.config import build, build_loggers, check_config
+from diffusion.errors import exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +32,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build(cfg.data, "data")
     module = build(cfg.module, "module")
     callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items() if node]
-    logger_cfgs = {name: node for name, node in (cfg.logger or {}).items() if node}
-    if any("WandbLogger" in node._target_ for node in logger_cfgs.values()):
-        from diffusion.wandb_mode import ensure_wandb_never_blocks
-
-        ensure_wandb_never_blocks()
-    loggers = [build(node, f"logger.{name}") for name, node in logger_cfgs.items()]
+    loggers = build_loggers(cfg.logger)
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -58,11 +52,8 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with exit_on_user_error():
         return train(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

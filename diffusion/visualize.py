@@ -12,7 +12,6 @@ Files go to the run directory (``outputs/visualize/<mode>_<time>/``, or ``out_di
 
 from __future__ import annotations
 
-import sys
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -26,7 +25,7 @@ from diffusion import plots
 from diffusion.checkpoints import load_module
 from diffusion.config import build
 from diffusion.data import to_model_range
-from diffusion.errors import ConfigError, UserError
+from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.process import GaussianDiffusion
 
 MODES = ("forward", "schedules", "denoise")
@@ -127,11 +126,8 @@ def visualize(cfg: DictConfig) -> list[Path]:
 @hydra.main(config_path="conf", config_name="visualize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
-    try:
+    with exit_on_user_error():
         paths = visualize(cfg)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     for path in paths:
         print(f"wrote {path}")
     print(f"mode={cfg.mode} took {time.perf_counter() - start:.1f} s")
