@@ -1,10 +1,13 @@
-"""Loading checkpoints with clear errors instead of pickle tracebacks."""
+"""Checkpoints: written atomically, loaded with clear errors instead of pickle tracebacks."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusion.errors import UserError
 
@@ -24,3 +27,51 @@ def load_module(path: str | Path, device: torch.device | str = "cpu"):
             f"of diffusion.train ({type(err).__name__}: {str(err)[:200]})"
         ) from None
     return module.eval()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that never leaves a half-written checkpoint behind.
+
+    The checkpoint is written to a temporary file in the same folder, flushed and fsync'ed,
+    then renamed over the target (``os.replace`` is atomic on POSIX and Windows), and the
+    folder is fsync'ed so the rename itself survives a power cut. A ``kill -9`` at any moment
+    leaves either the previous file or the new one, never a truncated one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX)
+            dir_fd = os.open(path.parent, os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def check_readable(path: str | Path) -> None:
+    """Raise a UserError naming ``path`` if it is missing or not a readable checkpoint."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise UserError(
+            f"cannot read checkpoint {str(path)!r}: it is truncated or corrupt "
+            f"({type(err).__name__}: {str(err)[:160]}); resume from another checkpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{str(path)!r} is not a Lightning checkpoint of diffusion.train")

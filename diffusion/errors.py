@@ -17,6 +17,10 @@ class DataError(UserError):
     """A dataset that is missing, empty or unreadable."""
 
 
+class NonFiniteLossError(UserError):
+    """Training produced a NaN or infinite loss."""
+
+
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """In an entry point: print a UserError's message (no traceback) and exit with status 2."""

@@ -20,6 +20,7 @@ from lightning import LightningModule
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.ema import EMA
+from diffusion.errors import NonFiniteLossError
 from diffusion.process import GaussianDiffusion
 from diffusion.samplers import Callback
 
@@ -45,6 +46,9 @@ class DiffusionModule(LightningModule):
             with noise fixed per batch, so it is comparable across runs and checkpoints.
         data: the data config the model is trained on, kept in the checkpoint so that
             ``diffusion.evaluate`` finds the reference images.
+        nonfinite_loss: on a NaN/Inf loss, ``error`` stops the run naming the step (the last
+            checkpoint stays as it was); ``skip`` drops that batch (no optimizer step), up to
+            ``max_skipped_steps`` in a row. Checking costs one device sync per step.
     """
 
     def __init__(
@@ -60,6 +64,8 @@ class DiffusionModule(LightningModule):
         sampler: Mapping | None = None,
         val_timesteps: int = 10,
         data: Mapping | None = None,
+        nonfinite_loss: str = "error",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -77,12 +83,28 @@ class DiffusionModule(LightningModule):
         self.net = instantiate(net)
         self.ema = EMA(self.net, ema_decay, ema_warmup)
         self.process = GaussianDiffusion(instantiate(schedule)(T))
+        if nonfinite_loss not in ("error", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'error' or 'skip', got {nonfinite_loss!r}")
         self.image_shape = tuple(image_shape)
+        self._skipped_in_a_row = 0
         self.val_t = torch.linspace(0, T - 1, min(val_timesteps, T)).round().long().unique()
 
     # ----- training -----------------------------------------------------------------------
-    def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         loss = self.process.loss_simple(self.net, x0).mean()
+        if not torch.isfinite(loss):
+            step = self.global_step
+            give_up = self._skipped_in_a_row >= self.hparams.max_skipped_steps
+            if self.hparams.nonfinite_loss == "error" or give_up:
+                raise NonFiniteLossError(
+                    f"the training loss is {loss.item()} at step {step} (batch {batch_idx}); the "
+                    "run stopped and the last checkpoint is untouched. Lower optimizer.lr, check "
+                    "the data, or set module.nonfinite_loss=skip"
+                )
+            self._skipped_in_a_row += 1
+            self.log("train/skipped_steps", float(self._skipped_in_a_row))
+            return None  # Lightning skips the optimizer step
+        self._skipped_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -15,6 +15,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.checkpoints import check_readable
 from diffusion.config import build, build_loggers, check_config
 from diffusion.errors import exit_on_user_error
 
@@ -37,6 +38,8 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
+    if cfg.ckpt_path not in (None, "last", "hpc", "registry"):
+        check_readable(cfg.ckpt_path)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finally:
