@@ -221,3 +221,61 @@ class FIDCallback(Callback):
                 fake, real, subsets=50, subset_size=min(1000, len(fake))
             )
             module.log("val/kid", kid)
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM (and SIGUSR1, the usual SLURM pre-emption warning), finish the current batch,
+    save ``{dirpath}/last.ckpt`` and stop; ``ckpt_path=last`` in the same run directory resumes.
+    ``last.ckpt`` is also written when training ends, so the final steps are never lost when
+    ``max_steps`` is not a multiple of the validation interval.
+
+    Lightning turns SIGTERM into a ``SIGTERMException`` at the next batch boundary (on every
+    rank); this callback saves the checkpoint then. SIGUSR1 is forwarded as SIGTERM, except
+    under SLURM, where Lightning's own auto-requeue handler owns it.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+        self._previous_usr1 = None
+
+    def on_fit_start(self, trainer: Trainer, module: LightningModule) -> None:
+        import signal
+        import threading
+
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        if hasattr(signal, "SIGUSR1") and main_thread and not SLURMEnvironment.detect():
+            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._forward_as_sigterm)
+
+    @staticmethod
+    def _forward_as_sigterm(signum, frame) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_exception(
+        self, trainer: Trainer, module: LightningModule, exception: BaseException
+    ) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            self.saved = self.dirpath / "last.ckpt"
+            trainer.save_checkpoint(self.saved)
+        self._restore()
+
+    def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+    def on_fit_end(self, trainer: Trainer, module: LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        import signal
+
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            self._previous_usr1 = None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.checkpoints import check_readable
@@ -42,6 +43,14 @@ def train(cfg: DictConfig) -> float | None:
         check_readable(cfg.ckpt_path)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:
+        saved = next((c.saved for c in callbacks if getattr(c, "saved", None)), None)
+        log.warning(
+            "stopped by SIGTERM/SIGUSR1 at step %d; checkpoint: %s. Resume in place with "
+            "hydra.run.dir=%s ckpt_path=last",
+            trainer.global_step, saved, output_dir,
+        )  # fmt: skip
+        return None
     finally:
         for logger in loggers:
             logger.finalize("success")

@@ -128,3 +128,40 @@ def test_nan_loss_can_skip_the_batch(tmp_path, monkeypatch):
     )
     assert last["global_step"] == 4  # the skipped batch made no optimizer step, so 5 batches ran
     assert "train/skipped_steps" in (tmp_path / "csv" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_a_checkpoint_exits_cleanly_and_resumes_in_place(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=100000", "trainer.val_check_interval=1000000",
+            "callbacks.sample_grid.every_n_steps=0", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffusion.train", *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list((run_dir / "csv").glob("metrics.csv")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert (
+        "stopped by SIGTERM/SIGUSR1" in out + err and "Traceback" not in err
+    )  # Hydra logs to stdout
+    step = torch.load(
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )["global_step"]
+    assert step > 0
+    resumed = subprocess.run(
+        [sys.executable, "-m", "diffusion.train", *args[:-1], f"trainer.max_steps={step + 2}",
+         f"hydra.run.dir={run_dir}", "ckpt_path=last"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = torch.load(
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert after["global_step"] == step + 2
