@@ -42,12 +42,16 @@ def compose_train(overrides: list[str], output_dir: Path | None = None) -> DictC
 
 
 def run_cli(
-    args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300
+    args: list[str],
+    cwd: Path,
+    env: dict | None = None,
+    timeout: float = 300,
+    entry: str = "diffusion.train",
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m diffusion.train ARGS`` in ``cwd``; returns the finished process."""
+    """Run ``python -m ENTRY ARGS`` in ``cwd``; returns the finished process."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "diffusion.train", *args],
+        [sys.executable, "-m", entry, *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

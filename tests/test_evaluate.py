@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -13,7 +11,7 @@ from test_metrics import NET
 from diffusion.evaluate import run
 from diffusion.train import train
 
-from conftest import TINY, compose_train
+from conftest import TINY, compose_train, run_cli
 
 
 def small_features(x):
@@ -81,11 +79,5 @@ def test_bad_input(ckpt, tmp_path):
 
     with pytest.raises(ConfigError, match=r"unknown metric\(s\) \['fdi'\]"):
         evaluate([f"ckpt={ckpt}", "metrics=[fdi]"], tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffusion.evaluate"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli([], cwd=tmp_path, entry="diffusion.evaluate")
     assert proc.returncode == 2 and "give ckpt=" in proc.stderr and "Traceback" not in proc.stderr

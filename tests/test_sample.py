@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from diffusion.errors import UserError
 from diffusion.sample import run
 from diffusion.train import train
 
-from conftest import TINY, compose_train
+from conftest import TINY, compose_train, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +81,10 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(ckpt, tmp_path):
 
 
 def test_cli(ckpt, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffusion.sample", f"ckpt={ckpt}", "n=2", "sampler=ddim",
-         "sampler.steps=2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    args = [f"ckpt={ckpt}", "n=2", "sampler=ddim", "sampler.steps=2"]
+    proc = run_cli(args, cwd=tmp_path, entry="diffusion.sample")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 samples, NFE 2" in proc.stdout
     assert list((tmp_path / "outputs" / "samples").glob("*/samples.npz"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffusion.sample"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli([], cwd=tmp_path, entry="diffusion.sample")
     assert proc.returncode == 2 and "give ckpt=" in proc.stderr and "Traceback" not in proc.stderr
