@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> float | None:
     """Run one training described by a composed config; raises UserError on bad input."""
     check_config(cfg)
+    if cfg.ckpt_path not in (None, "last", "hpc", "registry"):
+        check_readable(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -39,8 +41,7 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
-    if cfg.ckpt_path not in (None, "last", "hpc", "registry"):
-        check_readable(cfg.ckpt_path)
+    status = "failed"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except SIGTERMException:
@@ -50,10 +51,13 @@ def train(cfg: DictConfig) -> float | None:
             "hydra.run.dir=%s ckpt_path=last",
             trainer.global_step, saved, output_dir,
         )  # fmt: skip
+        status = "success"
         return None
+    else:
+        status = "success"
     finally:
         for logger in loggers:
-            logger.finalize("success")
+            logger.finalize(status)
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
 
