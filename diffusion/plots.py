@@ -152,7 +152,7 @@ def save_gif(frames: Sequence[torch.Tensor], path, duration_ms: int = 60) -> Non
 
     pil = []
     for frame in frames:
-        arr = (frame.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        arr = (frame.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         pil.append(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr))
     durations = [duration_ms] * (len(pil) - 1) + [1000]
     pil[0].save(path, save_all=True, append_images=pil[1:], duration=durations, loop=0)
@@ -162,7 +162,7 @@ class TrajectoryRecorder:
     """A sampler callback keeping x_t and x̂_0 of the first ``k`` samples at every step.
 
     After sampling, ``frames`` maps each visited code index t (see diffusion.process) to
-    (x_t, x̂_0), each (k, C, H, W) on the CPU, and ``final`` holds the sampler's output.
+    (x_t, x̂_0), each (k, C, H, W) on the sampler's device, and ``final`` holds its output.
     """
 
     def __init__(self, k: int) -> None:
@@ -171,8 +171,9 @@ class TrajectoryRecorder:
         self.final: torch.Tensor | None = None
 
     def __call__(self, step) -> None:
-        self.frames[step.t] = (step.x_t[: self.k].cpu(), step.x0_hat[: self.k].cpu())
-        self.final = step.x_next[: self.k].cpu()  # the last call leaves the sampler's output
+        # device-side copies: no host sync inside the sampling loop; drawing moves them once
+        self.frames[step.t] = (step.x_t[: self.k].clone(), step.x0_hat[: self.k].clone())
+        self.final = step.x_next[: self.k].clone()  # the last call leaves the sampler's output
 
     def pick(self, num: int) -> list[int]:
         """``num`` visited indices, evenly spaced from the first (noisiest) to the last."""
