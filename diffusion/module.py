@@ -156,15 +156,16 @@ class DiffusionModule(LightningModule):
         """
         model = self.ema if use_ema else self.net
         was_training = model.training
-        model.eval()
+        # channels_last convolutions sample about 2x faster on the CPU (experiments/fid_vs_nfe)
+        model.eval().to(memory_format=torch.channels_last)
         if x_T is None:
             x_T = torch.randn((n, *self.image_shape), generator=generator)
-        x_T = x_T.to(self.device)
+        x_T = x_T.to(self.device, memory_format=torch.channels_last)
         sample_fn = instantiate(_plain(sampler) if sampler is not None else self.hparams.sampler)
         device_gen = generator
         if generator is not None and self.device.type != "cpu":
             seed = int(torch.randint(2**62, (1,), generator=generator))
             device_gen = torch.Generator(self.device).manual_seed(seed)
         x0 = sample_fn(model, x_T, self.process, generator=device_gen, callback=callback)
-        model.train(was_training)
+        model.train(was_training).to(memory_format=torch.contiguous_format)
         return x0.clamp(-1.0, 1.0)
