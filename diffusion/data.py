@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import logging
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,9 +20,13 @@ import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, random_split
 
+from diffusion.determinism import ResumableSampler, mix
 from diffusion.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+# Our training loader does resume mid-epoch (its position is in the data module's state_dict),
+# which Lightning cannot see on the DataLoader itself.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -78,7 +83,7 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         val_fraction: share of the images held out for validation (at least one image).
         hflip: random horizontal flips of training batches.
         num_workers, pin_memory: passed to the DataLoaders.
-        seed: seed of the train/validation split.
+        seed: seed of the train/validation split, the data order and the flips.
     """
 
     def __init__(
@@ -111,6 +116,8 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._position = (0, 0)  # (epoch, training batches consumed in it)
+        self._resume_at: tuple[int, int] | None = None
 
     @abc.abstractmethod
     def load(self) -> Dataset:
@@ -129,30 +136,63 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         train, val = random_split(full, [len(full) - n_val, n_val], generator=generator)
         self.train_set, self.val_set = train, val
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset | None, sampler: ResumableSampler | None = None
+    ) -> DataLoader:
         assert dataset is not None, "call setup() first"
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
+            sampler=sampler,
+            drop_last=sampler is not None and len(sampler) >= self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """Shuffled by ``seed + epoch``, one shard per rank; resumes mid-epoch (see
+        diffusion.determinism)."""
+        assert self.train_set is not None, "call setup() first"
+        world, rank = self._rank()
+        sampler = ResumableSampler(self.train_set, world, rank, self.seed)
+        if self._resume_at is not None:
+            epoch, batches = self._resume_at
+            sampler.resume_at(epoch, batches * self.batch_size)
+            self._resume_at = None
+        return self._loader(self.train_set, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
         x = to_model_range(batch)
-        if self.hflip and self.trainer is not None and self.trainer.training:
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return x
+        epoch = trainer.current_epoch
+        if epoch != self._position[0]:
+            self._position = (epoch, 0)
+        if self.hflip:
+            seed = mix(self.seed, epoch, self._position[1], self._rank()[1])
+            generator = torch.Generator(x.device).manual_seed(seed)
+            flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        self._position = (epoch, self._position[1] + 1)
         return x
+
+    # Where the training loader is in its epoch, saved in checkpoints by Lightning.
+    def state_dict(self) -> dict:
+        return {"epoch": self._position[0], "batches": self._position[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "epoch" in state:
+            self._position = (state["epoch"], state["batches"])
+            self._resume_at = self._position
 
 
 class DigitsDataModule(ImageDataModule):

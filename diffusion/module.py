@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning import LightningModule
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.determinism import mix, seeded
 from diffusion.ema import EMA
 from diffusion.errors import NonFiniteLossError
 from diffusion.process import GaussianDiffusion
@@ -49,6 +50,8 @@ class DiffusionModule(LightningModule):
         nonfinite_loss: on a NaN/Inf loss, ``error`` stops the run naming the step (the last
             checkpoint stays as it was); ``skip`` drops that batch (no optimizer step), up to
             ``max_skipped_steps`` in a row. Checking costs one device sync per step.
+        seed: the randomness of training batch b (t, ε, dropout) is seeded by (seed, b, rank),
+            so a resumed run continues bitwise (see diffusion.determinism).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class DiffusionModule(LightningModule):
         data: Mapping | None = None,
         nonfinite_loss: str = "error",
         max_skipped_steps: int = 10,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -87,11 +91,15 @@ class DiffusionModule(LightningModule):
             raise ValueError(f"nonfinite_loss must be 'error' or 'skip', got {nonfinite_loss!r}")
         self.image_shape = tuple(image_shape)
         self._skipped_in_a_row = 0
+        self._batches_seen = 0  # training batches so far, the key of each batch's randomness
         self.val_t = torch.linspace(0, T - 1, min(val_timesteps, T)).round().long().unique()
 
     # ----- training -----------------------------------------------------------------------
     def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
-        loss = self.process.loss_simple(self.net, x0).mean()
+        seed = mix(self.hparams.seed, self._batches_seen, self.global_rank)
+        self._batches_seen += 1
+        with seeded(seed, self.device):
+            loss = self.process.loss_simple(self.net, x0).mean()
         if not torch.isfinite(loss):
             step = self.global_step
             give_up = self._skipped_in_a_row >= self.hparams.max_skipped_steps
@@ -108,8 +116,13 @@ class DiffusionModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.ema.update(self.net)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimizer step here, not in on_train_batch_end: callbacks (the
+        # checkpoint among them) run that hook before the module, so a checkpoint written there
+        # would hold step n's weights with only n - 1 EMA updates, and a resumed run would lack one.
+        super().optimizer_step(*args, **kwargs)
+        if self._skipped_in_a_row == 0:
+            self.ema.update(self.net)
 
     def validation_step(self, x0: torch.Tensor, batch_idx: int) -> None:
         # Fixed t's and noise seeded by the batch index: the same numbers for the same weights.
@@ -136,6 +149,10 @@ class DiffusionModule(LightningModule):
     # ----- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["beta"] = self.process.beta64.clone()  # the exact float64 schedule used
+        checkpoint["batches_seen"] = self._batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._batches_seen = checkpoint.get("batches_seen", 0)
 
     # ----- sampling -----------------------------------------------------------------------
     @torch.no_grad()
