@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -61,8 +63,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(dir_fd)
 
 
-def check_readable(path: str | Path) -> None:
-    """Raise a UserError naming ``path`` if it is missing or not a readable checkpoint."""
+def check_readable(path: str | Path) -> dict:
+    """The checkpoint at ``path`` (memory-mapped); a UserError naming ``path`` if it is missing
+    or not a readable checkpoint."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
@@ -75,3 +78,35 @@ def check_readable(path: str | Path) -> None:
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{str(path)!r} is not a Lightning checkpoint of diffusion.train")
+    return ckpt
+
+
+# Module hyperparameters a resumed run must share with its checkpoint, and their config names.
+MUST_MATCH = {"net": "model", "schedule": "schedule", "T": "T", "image_shape": "data [C, H, W]"}
+
+
+def _differences(saved: Any, current: Any, name: str) -> list[str]:
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        keys = sorted(set(saved) | set(current), key=str)
+        return [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{name}.{k}")]
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        saved, current = list(saved), list(current)
+    return [] if saved == current else [f"{name}: checkpoint {saved!r}, config {current!r}"]
+
+
+def check_resumable(path: str | Path, module_cfg: Mapping) -> None:
+    """Raise a UserError if the checkpoint at ``path`` was trained with another network,
+    schedule, T or image shape than the module config ``module_cfg`` (a plain dict)."""
+    saved = check_readable(path).get("hyper_parameters") or {}
+    diffs = [
+        d for key, name in MUST_MATCH.items()
+        for d in _differences(saved.get(key), module_cfg.get(key), name)
+    ]  # fmt: skip
+    if diffs:
+        more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+        raise UserError(
+            f"checkpoint {str(path)!r} was trained with another configuration: "
+            f"{'; '.join(diffs[:5])}{more}. Resume with the overrides of the run that wrote it "
+            "(its config.yaml is next to its checkpoints/ folder), or drop ckpt_path to start a "
+            "new run; any checkpoint samples as it is with python -m diffusion.sample ckpt=..."
+        )

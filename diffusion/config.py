@@ -13,11 +13,13 @@ Errors raised by constructors during instantiation are turned into :class:`Confi
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.errors import ConfigError, UserError
@@ -99,10 +101,78 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"module.warmup_steps={warmup!r} is invalid: it must be an integer >= 0")
 
 
+def check_model_fits_data(cfg: DictConfig) -> None:
+    """The network's input channels and image size are the data's (they follow the data config
+    unless overridden)."""
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    for model_key, data_key in (("in_channels", "channels"), ("image_size", "image_size")):
+        if model_key in model and data_key in data and model[model_key] != data[data_key]:
+            raise ConfigError(
+                f"model.{model_key}={model[model_key]} does not match "
+                f"data.{data_key}={data[data_key]}: the network must take the images the data "
+                f"gives. Drop the model.{model_key} override (it follows data.{data_key}) or set "
+                f"data.{data_key}={model[model_key]}"
+            )
+
+
+def _devices_here(accelerator: str) -> tuple[str, int] | None:
+    """(what, how many) the machine has for ``accelerator``; None where Lightning must judge."""
+    import torch
+
+    if accelerator == "auto":
+        accelerator = (
+            "gpu" if torch.cuda.is_available()
+            else "mps" if torch.backends.mps.is_available() else "cpu"
+        )  # fmt: skip
+    if accelerator in ("gpu", "cuda"):
+        return "GPU(s)", torch.cuda.device_count()
+    if accelerator == "mps":
+        return "MPS device(s)", int(torch.backends.mps.is_available())
+    if accelerator == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return "CPU core(s)", cores or 1
+    return None
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """``trainer.devices`` must not ask for more devices than this machine has."""
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    devices = trainer.get("devices", "auto")
+    here = _devices_here(accelerator)
+    if here is None:
+        return
+    what, count = here
+    if count == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no {what}; "
+            "use trainer=cpu (or trainer.accelerator=auto)"
+        )
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    if isinstance(devices, ListConfig | list):
+        wanted, too_many = len(devices), any(int(d) >= count for d in devices)
+    elif isinstance(devices, int) and devices > 0:
+        wanted, too_many = devices, devices > count
+    else:  # "auto" or -1: all of them
+        return
+    if too_many:
+        shown = OmegaConf.to_container(devices) if isinstance(devices, ListConfig) else devices
+        raise ConfigError(
+            f"trainer.devices={shown} asks for {wanted} device(s) but this machine has {count} "
+            f"{what} for accelerator={accelerator}; use trainer.devices={min(count, wanted)} or "
+            "fewer, or trainer.devices=auto"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """All start-up checks; raises :class:`ConfigError`."""
     check_keys(cfg)
     check_values(cfg)
+    check_model_fits_data(cfg)
+    if cfg.get("trainer") is not None:
+        check_devices(cfg.trainer)
 
 
 def build(node: DictConfig, path: str, **kwargs: Any) -> Any:
@@ -115,7 +185,7 @@ def build(node: DictConfig, path: str, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
-        if isinstance(cause, (ValueError, TypeError)):
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
             raise ConfigError(f"{path}: {cause}") from None
         raise
 

@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpoints import check_readable
+from diffusion.checkpoints import check_resumable
 from diffusion.config import build, build_loggers, check_config
 from diffusion.errors import exit_on_user_error
 
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> float | None:
     """Run one training described by a composed config; raises UserError on bad input."""
     check_config(cfg)
-    if cfg.ckpt_path not in (None, "last", "hpc", "registry"):
-        check_readable(cfg.ckpt_path)
+    resume_from = _resume_file(cfg)
+    if resume_from is not None:
+        check_resumable(resume_from, OmegaConf.to_container(cfg.module, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,18 @@ def train(cfg: DictConfig) -> float | None:
             wandb.finish()
     val_loss = trainer.callback_metrics.get("val/loss")
     return float(val_loss) if val_loss is not None else None
+
+
+def _resume_file(cfg: DictConfig) -> Path | None:
+    """The file ``ckpt_path`` names: a path, or ``last``: the run's ``last.ckpt`` if it exists
+    (Lightning then resumes from it; without one the run starts afresh)."""
+    if cfg.ckpt_path in (None, "hpc", "registry"):
+        return None
+    if cfg.ckpt_path == "last":
+        dirpath = (cfg.get("callbacks") or {}).get("checkpoint", {}).get("dirpath")
+        last = Path(dirpath) / "last.ckpt" if dirpath else None
+        return last if last is not None and last.is_file() else None
+    return Path(cfg.ckpt_path)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
@@ -11,6 +12,7 @@ from diffusion.errors import ConfigError
 
 from conftest import compose_train, run_cli
 
+GPUS = torch.cuda.device_count()
 CONF = Path(__file__).resolve().parents[1] / "diffusion" / "conf"
 
 
@@ -36,6 +38,10 @@ def test_every_option_of_every_group_composes_checks_and_instantiates(group, tmp
         if group == "model":
             overrides.append("data=cifar10")
         cfg = compose_train(overrides, tmp_path)
+        if group == "trainer" and cfg.trainer.accelerator == "gpu" and not GPUS:
+            with pytest.raises(ConfigError, match="this machine has no GPU"):
+                check_config(cfg)
+            continue
         check_config(cfg)
         node = cfg[group]
         if group == "trainer":
@@ -88,6 +94,27 @@ def test_check_config_names_the_key_and_what_is_allowed(edit, message):
         check_config(cfg)
 
 
+@pytest.mark.parametrize(
+    "trainer,gpus,message",
+    [
+        (["trainer=gpu", "trainer.devices=4"], 2, r"devices=4 asks for 4 .* has 2 GPU\(s\)"),
+        (["trainer=gpu", "trainer.devices=[0,2]"], 2, r"devices=\[0, 2\] asks for 2 .* 2 GPU"),
+        (["trainer=ddp", "trainer.devices='0,1,2'"], 2, r"asks for 3 device\(s\)"),
+        (["trainer=gpu"], 0, r"accelerator=gpu but this machine has no GPU\(s\); use trainer=cpu"),
+        (["trainer=gpu", "trainer.devices=2"], 2, None),
+        (["trainer=ddp"], 2, None),  # devices=-1: all of them
+    ],
+)
+def test_devices_beyond_the_machine_are_rejected(trainer, gpus, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    cfg = compose_train(trainer)
+    if message is None:
+        check_config(cfg)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            check_config(cfg)
+
+
 def test_constructor_errors_become_config_errors_with_the_path():
     cfg = compose_train(["data.image_size=30"])
     with pytest.raises(ConfigError, match=r"module: image_size=30 is not divisible by 4.*28 or 32"):
@@ -107,6 +134,12 @@ def test_constructor_errors_become_config_errors_with_the_path():
         (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid"),
         (["data.image_size=30"], "use a multiple of 4 such as 28 or 32"),
         (["data=image_folder", "data.root=/nonexistent/images"], "is not a folder"),
+        (["model.in_channels=3"], "model.in_channels=3 does not match data.channels=1"),
+        (["model.image_size=32"], "model.image_size=32 does not match data.image_size=16"),
+        (
+            ["trainer.accelerator=cpu", "trainer.devices=4096"],
+            "trainer.devices=4096 asks for 4096 device(s) but this machine has",
+        ),
     ],
 )
 def test_cli_rejects_bad_input_in_seconds_without_a_traceback(args, message, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from diffusion.determinism import ResumableSampler, mix, seeded
 from diffusion.train import train
 
-from conftest import TINY, compose_train
+from conftest import TINY, compose_train, run_cli
 
 # About 36 training images in batches of 8: 4 batches per epoch, so 10 steps cross two epoch
 # boundaries and the step-5 checkpoint lies inside epoch 1.
@@ -104,3 +104,29 @@ def test_mix_gives_distinct_63_bit_seeds_for_nearby_keys():
     keys = [(seed, batch, rank) for seed in range(3) for batch in range(50) for rank in range(4)]
     seeds = [mix(*k) for k in keys]
     assert len(set(seeds)) == len(keys) and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_resuming_from_a_checkpoint_of_another_model_config_fails_clearly(tmp_path):
+    """Caught before anything is built; the checkpoint is not touched."""
+    out = tmp_path / "run"
+    train(compose_train([*TINY, "trainer.max_steps=2"], out))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    args = [*TINY, "model.width=16", "T=30", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'r'}"]
+    proc = run_cli(args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode != 0
+    assert "was trained with another configuration: model.width: checkpoint 8, config 16" in (
+        proc.stderr
+    )
+    assert "T: checkpoint 20, config 30" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ckpt.read_bytes() == before
+    # in place with ckpt_path=last: the same check on the run's own last.ckpt
+    proc = run_cli(
+        [*TINY, "model.channel_mult=[1,1]", "ckpt_path=last", f"hydra.run.dir={out}"],
+        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "model.channel_mult: checkpoint [1, 2], config [1, 1]" in (
+        proc.stderr
+    )
+    assert ckpt.read_bytes() == before
