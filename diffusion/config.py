@@ -96,6 +96,21 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"module.ema_decay={decay!r} is invalid: it must be in [0, 1), e.g. 0.9999"
         )
+    trainer = cfg.get("trainer") or {}
+    for key, minimum in (("max_steps", -1), ("accumulate_grad_batches", 1),
+                         ("log_every_n_steps", 1), ("num_sanity_val_steps", -1)):  # fmt: skip
+        value = trainer.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < minimum):  # fmt: skip
+            raise ConfigError(
+                f"trainer.{key}={value!r} is invalid: it must be an integer >= {minimum}"
+            )
+    interval = trainer.get("val_check_interval")
+    if interval is not None and (not isinstance(interval, (int, float)) or interval <= 0):
+        raise ConfigError(
+            f"trainer.val_check_interval={interval!r} is invalid: steps (an integer) or a "
+            "fraction of an epoch (a float in (0, 1])"
+        )
     warmup = cfg.module.get("warmup_steps", 0)
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"module.warmup_steps={warmup!r} is invalid: it must be an integer >= 0")

@@ -84,6 +84,12 @@ def test_every_schedule_option_is_a_function_in_the_schedules_module():
         (lambda c: c.__setitem__("T", 2.5), r"T=2.5 is invalid"),
         (lambda c: c.optimizer.__setitem__("lr", -1e-3), r"optimizer.lr=-0.001 is invalid"),
         (lambda c: c.module.__setitem__("ema_decay", 1.0), r"module.ema_decay=1.0 is invalid"),
+        (lambda c: c.module.__setitem__("ema_decay", "abc"), r"module.ema_decay='abc' is invalid"),
+        (lambda c: c.optimizer.__setitem__("lr", "abc"), r"optimizer.lr='abc' is invalid"),
+        (lambda c: c.trainer.__setitem__("max_steps", "abc"), r"trainer.max_steps='abc' is inv"),
+        (lambda c: c.trainer.__setitem__("accumulate_grad_batches", 0), r"must be an integer >= 1"),
+        (lambda c: c.trainer.__setitem__("val_check_interval", -2), r"val_check_interval=-2 is"),
+        (lambda c: c.module.__setitem__("warmup_steps", -5), r"warmup_steps=-5 is invalid"),
     ],
 )
 def test_check_config_names_the_key_and_what_is_allowed(edit, message):
@@ -131,6 +137,9 @@ def test_constructor_errors_become_config_errors_with_the_path():
         (["model.widht=64"], "Key 'widht' is not in struct"),
         (["+model.widht=64"], "unknown key(s) ['widht'] for diffusion.nn.UNet"),
         (["T=0"], "T=0 is invalid"),
+        (["T=abc"], "T='abc' is invalid"),
+        (["data.batch_size=abc"], "data.batch_size must be an integer >= 1, got 'abc'"),
+        (["schedule.beta_end=2"], "need 0 < beta_start <= beta_end < 1, got beta_start=0.0001"),
         (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid"),
         (["data.image_size=30"], "use a multiple of 4 such as 28 or 32"),
         (["data=image_folder", "data.root=/nonexistent/images"], "is not a folder"),
