@@ -1,8 +1,12 @@
-"""FID against the 10k MNIST test images and sampling wall time per sampler and NFE, from one
-checkpoint. Rows are appended to results.json as they finish (the slowest, DDPM at 1000 steps,
-last), so an interrupted run keeps what it measured; `--report` writes RESULTS.md and the plot.
+"""FID against the 10k MNIST test images and sampling time per sampler and NFE, from one
+checkpoint. FID rows are appended to results.json as they finish (the slowest, DDPM at 1000
+steps, last), so an interrupted run keeps what it measured. Sampling time comes from a separate
+`--time` pass that times every row back to back on the same 100 images in one run, so the
+times compare even when the long FID passes shared the machine. `--report` writes table.md and
+the plot.
 
-    python bench.py run/checkpoints/last.ckpt --weights PATH [--n 2000] [--rows ...]
+    python bench.py checkpoint.ckpt [--weights PATH] [--n 2000] [--rows ddim:20 ...]
+    python bench.py checkpoint.ckpt --time
     python bench.py --report
 """
 
@@ -91,19 +95,49 @@ def measure(ckpt: str, weights: str, n: int, rows: list[tuple[str, int]]) -> Non
         print(row, flush=True)
 
 
+def time_rows(ckpt: str, n: int = 100) -> None:
+    """Seconds per image for every row, timed back to back in this process on ``n`` images."""
+    torch.manual_seed(0)
+    module = load_module(ckpt)
+    draw(module, BATCH, BATCH, 0, {**SAMPLERS["ddim"], "steps": 5}, progress=False)  # warm-up
+    timing = {}
+    for name, steps in ROWS:
+        start = time.perf_counter()
+        _, nfe = draw(module, n, BATCH, 0, {**SAMPLERS[name], "steps": steps}, progress=False)
+        seconds = time.perf_counter() - start
+        timing[f"{name}:{steps}"] = {"nfe": nfe, "seconds_per_image": seconds / n,
+                                     "ms_per_image_per_nfe": 1000 * seconds / n / nfe}  # fmt: skip
+        print(name, steps, timing[f"{name}:{steps}"], flush=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+    results["timing"] = {
+        "images": n, "batch_size": BATCH, "rows": timing,
+        "machine": f"{platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+    }  # fmt: skip
+    RESULTS.write_text(json.dumps(results, indent=2))
+
+
 def report() -> None:
     from matplotlib.figure import Figure
 
     results = json.loads(RESULTS.read_text())
     rows = sorted(results["rows"], key=lambda r: (r["sampler"], r["nfe"]))
-    lines = ["| sampler | NFE | FID | sampling time (s) | s / image |", "|---|---|---|---|---|"]
+    timing = results.get("timing", {}).get("rows", {})
+    ddpm = timing.get("ddpm:1000", {}).get("seconds_per_image")
+    lines = [
+        "| sampler | NFE | FID | s / image | time vs DDPM-1000 | ms / image / NFE |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
+        t = timing.get(f"{r['sampler']}:{r['steps']}", {})
+        per_image = t.get("seconds_per_image")
         cells = [
             r["sampler"],
             r["nfe"],
             f"{r['fid']:.2f}",
-            r["sampling_seconds"],
-            r["seconds_per_image"],
+            f"{per_image:.3f}" if per_image else "-",
+            f"{per_image / ddpm:.3f}" if per_image and ddpm else "-",
+            f"{t['ms_per_image_per_nfe']:.2f}" if t else "-",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     (HERE / "table.md").write_text("\n".join(lines) + "\n")
@@ -132,9 +166,12 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--rows", nargs="*", default=None, help="e.g. ddim:20 dpm_solver:20")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--time", action="store_true", help="the timing pass only")
     args = parser.parse_args()
     if args.report:
         report()
+    elif args.time:
+        time_rows(args.ckpt)
     else:
         rows = [(r.split(":")[0], int(r.split(":")[1])) for r in args.rows] if args.rows else ROWS
         measure(args.ckpt, args.weights, args.n, rows)
