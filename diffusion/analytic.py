@@ -1,30 +1,32 @@
 """Closed-form ε-predictors, for checking samplers without training anything.
 
-For data x_0 ~ N(μ, s² I), q(x_t) = N(√ᾱ_t μ, (ᾱ_t s² + 1 - ᾱ_t) I), and the MMSE
-ε-predictor (the minimiser of L_simple) is
+For a kernel q(x_t | x_0) = N(m x_0, σ² I) (DDPM: m = √ᾱ_t, σ² = 1 - ᾱ_t; the SDEs and NCSN:
+their own m, σ) and data x_0 ~ N(μ, s² I), q(x_t) = N(m μ, (m² s² + σ²) I), and the MMSE
+ε-predictor (the minimiser of L_simple and of denoising score matching) is
 
-    ε*(x_t, t) = E[ε | x_t] = √(1 - ᾱ_t) (x_t - √ᾱ_t μ) / (ᾱ_t s² + 1 - ᾱ_t).
+    ε*(x_t) = E[ε | x_t] = σ (x_t - m μ) / (m² s² + σ²),
 
-Any correct sampler driven by ε* must return samples with mean μ and standard deviation s.
+i.e. the exact score -(x_t - m μ) / (m² s² + σ²) times -σ. Any correct sampler driven by ε*
+must return samples with mean μ and standard deviation s.
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffusion.process import GaussianDiffusion, gather
-
 
 class GaussianEpsOracle(torch.nn.Module):
-    """ε*(x_t, t) for data N(mean, std² I) under ``process`` (see module docstring)."""
+    """ε*(x_t, label) for data N(mean, std² I) under ``process``, any family: it needs the
+    process's ``moments_at_label(label) -> (m, σ)`` (see module docstring)."""
 
-    def __init__(self, process: GaussianDiffusion, mean: float, std: float) -> None:
+    def __init__(self, process, mean: float, std: float) -> None:
         super().__init__()
         self.process = process
         self.mean = mean
         self.std = std
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha_bar = gather(self.process.alpha_bar, t, x_t)
-        var_t = alpha_bar * self.std**2 + 1.0 - alpha_bar
-        return (1.0 - alpha_bar).sqrt() * (x_t - alpha_bar.sqrt() * self.mean) / var_t
+    def forward(self, x_t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        m, sigma = self.process.moments_at_label(label)
+        shape = (-1, *([1] * (x_t.ndim - 1)))
+        m, sigma = m.to(x_t).reshape(shape), sigma.to(x_t).reshape(shape)
+        return sigma * (x_t - m * self.mean) / (m**2 * self.std**2 + sigma**2)

@@ -76,6 +76,11 @@ class GaussianDiffusion(nn.Module):
         """The schedule exactly as computed, float64 on the CPU."""
         return self._beta64
 
+    def moments_at_label(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1-ᾱ_t)) at integer steps ``t`` (B,): q(x_t | x_0) = N(m x_0, σ² I)."""
+        t = t.long()
+        return self.sqrt_alpha_bar.to(t.device)[t], self.sqrt_one_minus_alpha_bar.to(t.device)[t]
+
     # ----- forward process --------------------------------------------------------------
     def q_step(self, x_prev: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_{t-1}) = N(√(1-β_t) x_{t-1}, β_t I) (Ho et al. Eq. 2), one step."""

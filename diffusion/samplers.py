@@ -26,7 +26,7 @@ from diffusion.spacing import timesteps
 class Step:
     """State handed to a sampler's callback after each network evaluation."""
 
-    t: int  #: code index of x_t that was just denoised (see diffusion.process)
+    t: int | float  #: code index of x_t just denoised (diffusion.process); SDE time or σ
     x_t: torch.Tensor  #: the sample the network saw
     x_next: torch.Tensor  #: the sample after this step (x_0 at the last step)
     x0_hat: torch.Tensor  #: the network's prediction of x_0
