@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from diffusion import plots
+from diffusion.process import GaussianDiffusion
+from diffusion.sde import VPSDE
+
+log = logging.getLogger(__name__)
 
 
 def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
@@ -95,7 +100,8 @@ class SampleGrid(Callback):
 
 class SchedulePlot(Callback):
     """At the start of training, plot the run's β_t, ᾱ_t, √ᾱ_t and log-SNR(t), save
-    ``{dirpath}/schedule.png`` and log it as ``schedule`` to the active loggers."""
+    ``{dirpath}/schedule.png`` and log it as ``schedule`` to the active loggers. A VP-SDE is
+    shown by its T-step chain; VE-SDE and NCSN (m = 1, no β) have no such plot."""
 
     def __init__(self, dirpath: str) -> None:
         super().__init__()
@@ -103,9 +109,15 @@ class SchedulePlot(Callback):
 
     @rank_zero_only
     def on_train_start(self, trainer: Trainer, module: LightningModule) -> None:
-        name = module.hparams.schedule["_target_"].rsplit(".", 1)[-1]
-        curves = {name: plots.schedule_curves(module.process.beta64)}
-        fig = plots.plot_schedules(curves, module.process.T)
+        process, T = module.process, module.hparams.T
+        if isinstance(process, GaussianDiffusion):
+            name, beta = module.hparams.schedule["_target_"].rsplit(".", 1)[-1], process.beta64
+        elif isinstance(process, VPSDE):
+            name, beta = f"{type(process).__name__} ({T}-step chain)", process.discrete_beta(T)
+        else:
+            log.info("no β schedule to plot for %s", type(process).__name__)
+            return
+        fig = plots.plot_schedules({name: plots.schedule_curves(beta)}, T)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.dirpath / "schedule.png", dpi=plots.DPI)
         log_image(trainer, "schedule", plots.figure_to_tensor(fig), trainer.global_step)

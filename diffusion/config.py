@@ -26,7 +26,7 @@ from diffusion.errors import ConfigError, UserError
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 TOP_LEVEL_KEYS = {
-    "data", "model", "schedule", "sampler", "trainer", "callbacks", "logger", "paths",
+    "data", "model", "schedule", "process", "sampler", "trainer", "callbacks", "logger", "paths",
     "module", "optimizer", "T", "seed", "ckpt_path", "experiment", "task_name", "tags",
 }  # fmt: skip
 

@@ -21,13 +21,55 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.determinism import mix, seeded
 from diffusion.ema import EMA
-from diffusion.errors import NonFiniteLossError
+from diffusion.errors import ConfigError, NonFiniteLossError
 from diffusion.process import GaussianDiffusion
 from diffusion.samplers import Callback
+from diffusion.sde import LABEL_SCALE, VPSDE
 
 
 def _plain(cfg: Mapping | DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+# Which sampler functions suit which process family (DDPM's samplers run a VP-SDE model on the
+# SDE's own discrete chain, see as_ddpm).
+_DISCRETE = ("samplers.ddpm_ancestral", "samplers.ddim", "samplers.dpm_solver")
+_SDE = ("score_samplers.euler_maruyama", "score_samplers.predictor_corrector",
+        "score_samplers.probability_flow")  # fmt: skip
+SAMPLERS_OF = {
+    "GaussianDiffusion": _DISCRETE,
+    "VPSDE": _SDE + _DISCRETE,
+    "SubVPSDE": _SDE,
+    "VESDE": _SDE,
+    "NCSN": ("score_samplers.annealed_langevin",),
+}
+
+
+def check_sampler(process: Any, sampler: Mapping) -> None:
+    """Raise a ConfigError if the sampler config cannot sample ``process``'s family."""
+    family = type(process).__name__
+    target = str(sampler.get("_target_", "")).removeprefix("diffusion.")
+    allowed = SAMPLERS_OF.get(family)
+    if allowed is not None and target not in allowed:
+        names = ", ".join(a.split(".")[-1].replace("ddpm_ancestral", "ddpm") for a in allowed)
+        raise ConfigError(
+            f"sampler {target.split('.')[-1]} cannot sample a {family} model; use one of "
+            f"{names} (sampler=<name>, see conf/sampler/)"
+        )
+
+
+def as_ddpm(model: Any, sde: VPSDE, T: int) -> tuple[Any, GaussianDiffusion]:
+    """A VP-SDE model as a DDPM one, on the SDE's own T-step chain (β_i = β(i / (T-1)) / T).
+
+    Code index i is queried at the SDE time t_i with m(t_i)² = ᾱ_i exactly, so the network
+    sees the noise level the chain is at (label 999 t_i)."""
+    process = GaussianDiffusion(sde.discrete_beta(T))
+    labels = LABEL_SCALE * sde.time_of(torch.cumprod(1.0 - process.beta64, 0))
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, labels.to(x.device)[t].to(x.dtype))
+
+    return eps_model, process
 
 
 class DiffusionModule(LightningModule):
@@ -50,6 +92,9 @@ class DiffusionModule(LightningModule):
         nonfinite_loss: on a NaN/Inf loss, ``error`` stops the run naming the step (the last
             checkpoint stays as it was); ``skip`` drops that batch (no optimizer step), up to
             ``max_skipped_steps`` in a row. Checking costs one device sync per step.
+        process: the family, a ``_target_`` node (``conf/process/``): DDPM's discrete process
+            (``diffusion.process.ddpm`` of ``schedule`` and ``T``; also what None means), a
+            score SDE or NCSN (diffusion.sde). The sampler must suit it (:data:`SAMPLERS_OF`).
         seed: the randomness of training batch b (t, ε, dropout) is seeded by (seed, b, rank),
             so a resumed run continues bitwise (see diffusion.determinism).
     """
@@ -70,9 +115,11 @@ class DiffusionModule(LightningModule):
         nonfinite_loss: str = "error",
         max_skipped_steps: int = 10,
         seed: int = 0,
+        process: Mapping | None = None,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
+        process = _plain(process) if process is not None else None
         data = _plain(data) if data is not None else None
         sampler = (
             _plain(sampler)
@@ -86,20 +133,23 @@ class DiffusionModule(LightningModule):
         self.save_hyperparameters()
         self.net = instantiate(net)
         self.ema = EMA(self.net, ema_decay, ema_warmup)
-        self.process = GaussianDiffusion(instantiate(schedule)(T))
+        self.process = (
+            instantiate(process) if process else GaussianDiffusion(instantiate(schedule)(T))
+        )
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"nonfinite_loss must be 'error' or 'skip', got {nonfinite_loss!r}")
         self.image_shape = tuple(image_shape)
         self._skipped_in_a_row = 0
         self._batches_seen = 0  # training batches so far, the key of each batch's randomness
-        self.val_t = torch.linspace(0, T - 1, min(val_timesteps, T)).round().long().unique()
+        self.val_t = self.process.validation_times(val_timesteps)
+        check_sampler(self.process, sampler)
 
     # ----- training -----------------------------------------------------------------------
     def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         seed = mix(self.hparams.seed, self._batches_seen, self.global_rank)
         self._batches_seen += 1
         with seeded(seed, self.device):
-            loss = self.process.loss_simple(self.net, x0).mean()
+            loss = self.process.loss(self.net, x0).mean()
         if not torch.isfinite(loss):
             step = self.global_step
             give_up = self._skipped_in_a_row >= self.hparams.max_skipped_steps
@@ -130,8 +180,8 @@ class DiffusionModule(LightningModule):
         losses = []
         for step in self.val_t.tolist():
             eps = torch.randn(x0.shape, generator=generator).to(x0)
-            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-            losses.append(self.process.loss_simple(self.ema, x0, t, eps))
+            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=self.val_t.dtype)
+            losses.append(self.process.loss(self.ema, x0, t, eps))
         loss = torch.stack(losses).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
@@ -148,7 +198,8 @@ class DiffusionModule(LightningModule):
 
     # ----- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["beta"] = self.process.beta64.clone()  # the exact float64 schedule used
+        if isinstance(self.process, GaussianDiffusion):
+            checkpoint["beta"] = self.process.beta64.clone()  # the exact float64 schedule used
         checkpoint["batches_seen"] = self._batches_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -178,11 +229,17 @@ class DiffusionModule(LightningModule):
         if x_T is None:
             x_T = torch.randn((n, *self.image_shape), generator=generator)
         x_T = x_T.to(self.device, memory_format=torch.channels_last)
-        sample_fn = instantiate(_plain(sampler) if sampler is not None else self.hparams.sampler)
+        sampler = _plain(sampler) if sampler is not None else self.hparams.sampler
+        check_sampler(self.process, sampler)
+        sample_fn = instantiate(sampler)
+        process = self.process
+        if type(process) is VPSDE and sampler["_target_"].startswith("diffusion.samplers."):
+            model, process = as_ddpm(model, process, self.hparams.T)
         device_gen = generator
         if generator is not None and self.device.type != "cpu":
             seed = int(torch.randint(2**62, (1,), generator=generator))
             device_gen = torch.Generator(self.device).manual_seed(seed)
-        x0 = sample_fn(model, x_T, self.process, generator=device_gen, callback=callback)
-        model.train(was_training).to(memory_format=torch.contiguous_format)
+        x0 = sample_fn(model, x_T, process, generator=device_gen, callback=callback)
+        network = self.ema if use_ema else self.net
+        network.train(was_training).to(memory_format=torch.contiguous_format)
         return x0.clamp(-1.0, 1.0)

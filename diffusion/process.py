@@ -182,3 +182,14 @@ class GaussianDiffusion(nn.Module):
             eps = torch.randn_like(x0)
         eps_hat = model(self.q_sample(x0, t, eps), t)
         return (eps - eps_hat).pow(2).flatten(1).mean(1)
+
+    loss = loss_simple  # the training loss, by the name every process family uses
+
+    def validation_times(self, k: int) -> torch.Tensor:
+        """Up to k evenly spaced code indices in 0 … T-1."""
+        return torch.linspace(0, self.T - 1, min(k, self.T)).round().long().unique()
+
+
+def ddpm(schedule: Callable[[int], torch.Tensor], T: int) -> GaussianDiffusion:
+    """DDPM's process from a β schedule (a ``_partial_`` schedule config) and T."""
+    return GaussianDiffusion(schedule(T))

@@ -40,6 +40,12 @@ class SDE(abc.ABC):
 
     eps: float
     prior_std: float = 1.0
+    weighting: str = "sde"
+
+    def _set_weighting(self, weighting: str) -> None:
+        if weighting not in ("sde", "likelihood"):
+            raise ValueError(f"weighting must be 'sde' or 'likelihood', got {weighting!r}")
+        self.weighting = weighting
 
     @abc.abstractmethod
     def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,20 +90,22 @@ class SDE(abc.ABC):
         x0: torch.Tensor,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
-        weighting: str = "sde",
     ) -> torch.Tensor:
-        """Denoising score matching per example, shape (B,) (module docstring)."""
+        """Denoising score matching per example, shape (B,), with this SDE's ``weighting``
+        (module docstring); ``t`` defaults to U[ε, 1], ``noise`` to N(0, I)."""
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         eps_hat = model(self.q_sample(x0, t, noise), self.label(t))
         loss = (eps_hat - noise).pow(2).flatten(1).mean(1)
-        if weighting == "likelihood":
+        if self.weighting == "likelihood":
             _, g = self.coefficients(t)
             _, sigma = self.marginal(t)
             loss = loss * (g / sigma).pow(2).to(loss.dtype)
-        elif weighting != "sde":
-            raise ValueError(f"weighting must be 'sde' or 'likelihood', got {weighting!r}")
         return loss
+
+    def validation_times(self, k: int) -> torch.Tensor:
+        """k evenly spaced times in [ε, 1] for a comparable validation loss."""
+        return torch.linspace(self.eps, 1.0, k)
 
 
 class VPSDE(SDE):
@@ -108,10 +116,17 @@ class VPSDE(SDE):
     at N = 1000 the linear schedule from 1e-4 to 0.02 (:meth:`discrete_beta`).
     """
 
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3) -> None:
+    def __init__(
+        self,
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        eps: float = 1e-3,
+        weighting: str = "sde",
+    ) -> None:
         if not 0.0 < beta_min <= beta_max:
             raise ValueError(f"need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
         self.beta_min, self.beta_max, self.eps = beta_min, beta_max, eps
+        self._set_weighting(weighting)
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         return self.beta_min + t * (self.beta_max - self.beta_min)
@@ -126,6 +141,14 @@ class VPSDE(SDE):
     def coefficients(self, t):
         beta = self.beta(t)
         return -0.5 * beta, beta.sqrt()
+
+    def time_of(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The t with m(t)² = ᾱ, i.e. B(t) = -log ᾱ (the positive root of the quadratic)."""
+        a, b = 0.5 * (self.beta_max - self.beta_min), self.beta_min
+        integral = -torch.log(alpha_bar)
+        if a == 0:
+            return integral / b
+        return (-b + (b * b + 4 * a * integral).sqrt()) / (2 * a)
 
     def discrete_beta(self, n: int) -> torch.Tensor:
         """β_i = β(i / (n - 1)) / n, i = 0 … n-1 (float64)."""
@@ -159,10 +182,17 @@ class VESDE(SDE):
     paper); the prior is N(0, σ_max² I). Its N-step chain adds √(σ_i² - σ_{i-1}²) z, NCSN's.
     """
 
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, eps: float = 1e-5):
+    def __init__(
+        self,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        eps: float = 1e-5,
+        weighting: str = "sde",
+    ) -> None:
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min, self.sigma_max, self.eps = sigma_min, sigma_max, eps
+        self._set_weighting(weighting)
         self.prior_std = sigma_max
         self.log_ratio = math.log(sigma_max / sigma_min)
 
@@ -227,3 +257,9 @@ class NCSN:
         sigma = self.sigmas.to(x0.device)[level].to(x0.dtype)
         eps_hat = model(x0 + per_example(sigma, x0) * noise, self.label(sigma))
         return (eps_hat - noise).pow(2).flatten(1).mean(1)
+
+    def validation_times(self, k: int) -> torch.Tensor:
+        """Up to k evenly spaced level indices."""
+        return (
+            torch.linspace(0, self.num_levels - 1, min(k, self.num_levels)).round().long().unique()
+        )

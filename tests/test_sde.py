@@ -75,10 +75,10 @@ def test_score_from_the_eps_oracle_is_the_gradient_of_the_log_density(name):
 @pytest.mark.parametrize("weighting", ["sde", "likelihood"])
 def test_denoising_score_matching_loss_of_the_exact_predictor_is_its_closed_form(name, weighting):
     """E‖ε* - z‖² per dimension = Var(z | x_t) = m² s² / (m² s² + σ²) (times g²/σ²)."""
-    sde = SDES[name]
+    sde = type(SDES[name])(weighting=weighting)
     x0 = MEAN + STD * torch.randn(20_000, 1, 2, 2, dtype=torch.float64)
     t = torch.full((x0.shape[0],), 0.4, dtype=torch.float64)
-    loss = sde.loss(GaussianEpsOracle(sde, MEAN, STD), x0, t, weighting=weighting).mean()
+    loss = sde.loss(GaussianEpsOracle(sde, MEAN, STD), x0, t).mean()
     m, sigma = sde.marginal(t[:1])
     expected = m**2 * STD**2 / (m**2 * STD**2 + sigma**2)
     if weighting == "likelihood":
@@ -142,3 +142,10 @@ def test_bad_options_are_rejected():
         VESDE(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="num_levels >= 2"):
         NCSN(num_levels=1)
+
+
+def test_vp_time_of_inverts_the_mean_coefficient():
+    sde = VPSDE()
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    m, _ = sde.marginal(t)
+    assert torch.allclose(sde.time_of(m**2), t, rtol=1e-10)

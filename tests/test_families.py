@@ -1,0 +1,83 @@
+"""Every family (DDPM, VP/sub-VP/VE SDE, NCSN) trains through the real entry point, leaves a
+checkpoint that samples, and refuses samplers that do not suit it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion.analytic import GaussianEpsOracle
+from diffusion.checkpoints import load_module
+from diffusion.errors import ConfigError
+from diffusion.module import as_ddpm, check_sampler
+from diffusion.samplers import ddim
+from diffusion.sde import NCSN, VESDE, VPSDE
+from diffusion.train import train
+
+from conftest import TINY, compose_train
+
+# A few steps of each family with its default sampler, made cheap.
+FAST = {
+    "ddpm": [],
+    "vp_sde": ["sampler.steps=8"],
+    "subvp_sde": ["sampler=probability_flow", "sampler.rtol=1e-2", "sampler.atol=1e-2"],
+    "ve_sde": ["sampler.steps=4", "process.sigma_max=5"],
+    "ncsn": ["sampler.steps_per_level=2"],
+}
+
+
+@pytest.mark.parametrize("process", FAST)
+def test_each_family_trains_and_its_checkpoint_samples(process, tmp_path):
+    cfg = compose_train([*TINY, f"process={process}", *FAST[process]], tmp_path)
+    val_loss = train(cfg)
+    assert val_loss is not None and torch.isfinite(torch.tensor(val_loss))
+    module = load_module(tmp_path / "checkpoints" / "last.ckpt")
+    assert type(module.process).__name__ == cfg.module.process._target_.split(".")[-1] or (
+        process == "ddpm"
+    )
+    steps = []
+    x = module.sample(3, generator=torch.Generator().manual_seed(0), callback=steps.append)
+    assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all() and steps[-1].nfe >= 2
+    assert (tmp_path / "samples").is_dir()
+
+
+@pytest.mark.parametrize(
+    "process,sampler,ok",
+    [
+        (NCSN(), "diffusion.samplers.ddim", False),
+        (VESDE(), "diffusion.samplers.ddpm_ancestral", False),
+        (VESDE(), "diffusion.score_samplers.annealed_langevin", False),
+        (VPSDE(), "diffusion.samplers.ddim", True),
+        (VPSDE(), "diffusion.score_samplers.probability_flow", True),
+        (NCSN(), "diffusion.score_samplers.annealed_langevin", True),
+    ],
+)
+def test_samplers_that_do_not_suit_the_family_are_refused(process, sampler, ok):
+    if ok:
+        check_sampler(process, {"_target_": sampler})
+    else:
+        with pytest.raises(ConfigError, match="cannot sample a .* model; use one of"):
+            check_sampler(process, {"_target_": sampler})
+
+
+def test_a_vp_sde_model_sampled_by_ddim_on_the_sdes_own_chain_gets_the_data_right():
+    """The VP-SDE's exact ε (labels 999 t), run through DDIM on the SDE's 1000-step chain
+    (as_ddpm), is the chain's own exact ε at every step: same samples as DDPM's oracle."""
+    sde = VPSDE()
+    eps_model, process = as_ddpm(GaussianEpsOracle(sde, 0.4, 0.3), sde, 1000)
+    x_T = torch.randn(250, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = ddim(eps_model, x_T, process, steps=1000)
+    assert float(out.mean()) == pytest.approx(0.4, abs=0.006)
+    assert float(out.std()) == pytest.approx(0.3, rel=0.02)
+    chain_oracle = GaussianEpsOracle(process, 0.4, 0.3)
+    for steps in (20, 100):
+        expected = ddim(chain_oracle, x_T, process, steps=steps)
+        assert torch.allclose(ddim(eps_model, x_T, process, steps=steps), expected, atol=2e-5)
+
+
+def test_training_with_an_unsuitable_sampler_fails_at_start_up(tmp_path):
+    from diffusion.config import build
+
+    cfg = compose_train([*TINY, "process=ncsn", "sampler=ddim"], tmp_path)
+    with pytest.raises(ConfigError, match="ddim cannot sample a NCSN model; use one of"):
+        build(cfg.module, "module")
