@@ -8,6 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from test_metrics import NET
 
+from diffusion.errors import ConfigError
 from diffusion.evaluate import run
 from diffusion.train import train
 
@@ -81,3 +82,19 @@ def test_bad_input(ckpt, tmp_path):
         evaluate([f"ckpt={ckpt}", "metrics=[fdi]"], tmp_path)
     proc = run_cli([], cwd=tmp_path, entry="diffusion.evaluate")
     assert proc.returncode == 2 and "give ckpt=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("process", ["vp_sde", "ncsn"])
+def test_bpd_of_continuous_families_through_the_probability_flow_ode(process, tmp_path):
+    out = tmp_path / "run"
+    extra = ["sampler.steps=4"] if process == "vp_sde" else ["sampler.steps_per_level=1"]
+    train(compose_train([*TINY, "trainer.max_steps=2", f"process={process}", *extra], out))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    overrides = [f"ckpt={ckpt}", "metrics=[bpd]", "bpd_n=4", "bpd_batch_size=4"]
+    if process == "ncsn":
+        with pytest.raises(ConfigError, match="bpd needs a likelihood.*NCSN model has neither"):
+            evaluate(overrides, tmp_path / "eval")
+        return
+    result = evaluate(overrides, tmp_path / "eval")
+    assert 0 < result["bpd"] < 40 and "probability-flow ODE" in result["protocol"]["bpd"]["method"]
+    assert result["protocol"]["bpd"]["nfe_mean"] > 10
