@@ -9,8 +9,10 @@ from omegaconf import open_dict
 
 from diffusion.config import build, check_config
 from diffusion.errors import ConfigError
+from diffusion.train import train
 
-from conftest import compose_train, run_cli
+from conftest import TINY, compose_train, run_cli
+from datafiles import write_cifar10, write_mnist
 
 GPUS = torch.cuda.device_count()
 CONF = Path(__file__).resolve().parents[1] / "diffusion" / "conf"
@@ -165,8 +167,33 @@ def test_every_experiment_composes_checks_and_builds(experiment, tmp_path):
     cfg = compose_train([f"experiment={experiment}"], tmp_path)
     check_config(cfg)
     module = build(cfg.module, "module")
-    assert module.process.T == cfg.T
+    family = cfg.module.process._target_.rsplit(".", 1)[-1]
+    assert type(module.process).__name__ == ("GaussianDiffusion" if family == "ddpm" else family)
     assert build(cfg.data, "data").batch_size == cfg.data.batch_size
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_trains_a_few_steps_with_a_tiny_model(experiment, tmp_path):
+    """The experiment's own data format, family, sampler and callbacks (FID without weights
+    switches itself off after checking its sampler suits the family)."""
+    cfg = compose_train([f"experiment={experiment}"])
+    dataset = cfg.data.dataset
+    (write_cifar10 if dataset == "cifar10" else write_mnist)(tmp_path / "data")
+    cheap = {
+        "euler_maruyama": ["sampler.steps=5"],
+        "predictor_corrector": ["sampler.steps=3"],
+        "annealed_langevin": ["sampler.steps_per_level=1"],
+    }.get(cfg.sampler._target_.rsplit(".", 1)[-1], ["sampler.steps=5"])
+    overrides = [
+        f"experiment={experiment}", *TINY, "trainer.max_steps=2", f"data.root={tmp_path / 'data'}",
+        "data.batch_size=4", "model.attention_levels=[1]", "model.dropout=0.0",
+        f"callbacks.fid.extractor.weights_path={tmp_path / 'no-weights.pth'}", *cheap,
+    ]  # fmt: skip
+    if cfg.sampler._target_.endswith("ddpm_ancestral"):
+        overrides.remove("sampler.steps=5")
+    val_loss = train(compose_train(overrides, tmp_path / "run"))
+    assert val_loss is not None and val_loss == val_loss  # finite, not NaN
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_ddpm_cifar10_experiment_is_the_papers_setup():

@@ -81,3 +81,14 @@ def test_training_with_an_unsuitable_sampler_fails_at_start_up(tmp_path):
     cfg = compose_train([*TINY, "process=ncsn", "sampler=ddim"], tmp_path)
     with pytest.raises(ConfigError, match="ddim cannot sample a NCSN model; use one of"):
         build(cfg.module, "module")
+
+
+def test_an_fid_sampler_that_does_not_suit_the_family_fails_before_training(tmp_path):
+    cfg = compose_train(
+        [*TINY, "process=ve_sde", "callbacks.fid.every_n_steps=2",
+         "+callbacks.fid.sampler={_target_:diffusion.samplers.ddim,_partial_:true,steps:3}"],
+        tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="ddim cannot sample a VESDE model"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()

@@ -171,7 +171,8 @@ def test_cli_wandb_offline_without_credentials(tiny, tmp_path):
 def test_fid_callback_logs_val_fid(tiny, tmp_path):
     run_train(
         [*tiny, "callbacks.fid.every_n_steps=2", "callbacks.fid.n=12", "callbacks.fid.batch_size=8",
-         "callbacks.fid.reference_n=40", "callbacks.fid.sampler.steps=3",
+         "callbacks.fid.reference_n=40",
+         "+callbacks.fid.sampler={_target_:diffusion.samplers.ddim,_partial_:true,steps:3}",
          "callbacks.fid.extractor._target_=test_metrics.SmallFeatures",
          f"callbacks.fid.cache_dir={tmp_path / 'cache'}"],
         tmp_path,
