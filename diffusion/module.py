@@ -31,13 +31,13 @@ def _plain(cfg: Mapping | DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
-# Which sampler functions suit which process family (DDPM's samplers run a VP-SDE model on the
-# SDE's own discrete chain, see as_ddpm).
+# Which sampler functions suit which process family: DDPM's samplers run a VP-SDE model on the
+# SDE's own discrete chain (as_ddpm), the SDE samplers a DDPM model as a VP-SDE (as_vp_sde).
 _DISCRETE = ("samplers.ddpm_ancestral", "samplers.ddim", "samplers.dpm_solver")
 _SDE = ("score_samplers.euler_maruyama", "score_samplers.predictor_corrector",
         "score_samplers.probability_flow")  # fmt: skip
 SAMPLERS_OF = {
-    "GaussianDiffusion": _DISCRETE,
+    "GaussianDiffusion": _DISCRETE + _SDE,
     "VPSDE": _SDE + _DISCRETE,
     "SubVPSDE": _SDE,
     "VESDE": _SDE,
@@ -70,6 +70,20 @@ def as_ddpm(model: Any, sde: VPSDE, T: int) -> tuple[Any, GaussianDiffusion]:
         return model(x, labels.to(x.device)[t].to(x.dtype))
 
     return eps_model, process
+
+
+def as_vp_sde(model: Any, process: GaussianDiffusion) -> tuple[Any, VPSDE]:
+    """A DDPM model as a VP-SDE one: the VP-SDE with β(t) from T·β_0 to T·β_{T-1} (DDPM's
+    linear schedule is its T-step chain); SDE time t is queried at the fractional step whose
+    ᾱ equals m(t)², so the network sees the noise level it was trained at, for any schedule."""
+    beta = process.beta64
+    sde = VPSDE(beta_min=float(beta[0] * process.T), beta_max=float(beta[-1] * process.T))
+
+    def eps_model(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        m, _ = sde.marginal(label.double() / LABEL_SCALE)
+        return model(x, process.fractional_step(m**2).to(x.dtype))
+
+    return eps_model, sde
 
 
 class DiffusionModule(LightningModule):
@@ -233,8 +247,11 @@ class DiffusionModule(LightningModule):
         check_sampler(self.process, sampler)
         sample_fn = instantiate(sampler)
         process = self.process
-        if type(process) is VPSDE and sampler["_target_"].startswith("diffusion.samplers."):
+        discrete = sampler["_target_"].startswith("diffusion.samplers.")
+        if type(process) is VPSDE and discrete:
             model, process = as_ddpm(model, process, self.hparams.T)
+        elif isinstance(process, GaussianDiffusion) and not discrete:
+            model, process = as_vp_sde(model, process)
         device_gen = generator
         if generator is not None and self.device.type != "cpu":
             seed = int(torch.randint(2**62, (1,), generator=generator))

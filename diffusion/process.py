@@ -77,9 +77,29 @@ class GaussianDiffusion(nn.Module):
         return self._beta64
 
     def moments_at_label(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(√ᾱ_t, √(1-ᾱ_t)) at integer steps ``t`` (B,): q(x_t | x_0) = N(m x_0, σ² I)."""
-        t = t.long()
-        return self.sqrt_alpha_bar.to(t.device)[t], self.sqrt_one_minus_alpha_bar.to(t.device)[t]
+        """(√ᾱ_t, √(1-ᾱ_t)) at steps ``t`` (B,): q(x_t | x_0) = N(m x_0, σ² I). Fractional
+        steps (from the SDE samplers, see :func:`fractional_step`) interpolate log ᾱ."""
+        if not t.is_floating_point():
+            return self.sqrt_alpha_bar.to(t.device)[t], self.sqrt_one_minus_alpha_bar.to(t.device)[
+                t
+            ]
+        log_alpha_bar = torch.log(torch.cumprod(1.0 - self.beta64, 0)).to(t.device)
+        t = t.double().clamp(0, self.T - 1)
+        low = t.floor().long().clamp(max=self.T - 2) if self.T > 1 else t.long()
+        frac = t - low
+        high = (low + 1).clamp(max=self.T - 1)
+        alpha_bar = torch.exp((1 - frac) * log_alpha_bar[low] + frac * log_alpha_bar[high])
+        return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+
+    def fractional_step(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The (fractional) step whose ᾱ is ``alpha_bar``, interpolating log ᾱ; clamped to
+        [0, T-1]. The inverse of :meth:`moments_at_label` on floats."""
+        neg_log = -torch.log(torch.cumprod(1.0 - self.beta64, 0)).to(alpha_bar.device)
+        y = -torch.log(alpha_bar.double())
+        high = torch.searchsorted(neg_log, y).clamp(1, self.T - 1)
+        low = high - 1
+        frac = ((y - neg_log[low]) / (neg_log[high] - neg_log[low])).clamp(0, 1)
+        return (low + frac).clamp(0, self.T - 1)
 
     # ----- forward process --------------------------------------------------------------
     def q_step(self, x_prev: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

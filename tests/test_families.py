@@ -92,3 +92,40 @@ def test_an_fid_sampler_that_does_not_suit_the_family_fails_before_training(tmp_
     with pytest.raises(ConfigError, match="ddim cannot sample a VESDE model"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler,options", [("euler_maruyama", {"steps": 500}),
+                                             ("probability_flow", {})])  # fmt: skip
+def test_a_ddpm_model_sampled_by_the_vp_sde_samplers_gets_the_data_right(
+    schedule, sampler, options
+):
+    """DDPM's exact ε (integer steps, interpolated in log ᾱ between them) as a VP-SDE model."""
+    from diffusion import schedules, score_samplers
+    from diffusion.module import as_vp_sde
+    from diffusion.process import GaussianDiffusion
+
+    process = GaussianDiffusion(getattr(schedules, schedule)(1000))
+    eps_model, sde = as_vp_sde(GaussianEpsOracle(process, 0.4, 0.3), process)
+    if schedule == "linear":
+        assert (sde.beta_min, sde.beta_max) == pytest.approx((0.1, 20.0))
+    x_T = torch.randn(250, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = getattr(score_samplers, sampler)(
+        eps_model, x_T, sde, generator=torch.Generator().manual_seed(1), **options
+    )
+    assert float(out.mean()) == pytest.approx(0.4, abs=0.006)
+    assert float(out.std()) == pytest.approx(0.3, rel=0.015)
+
+
+def test_fractional_steps_invert_the_interpolated_moments():
+    from diffusion import schedules
+    from diffusion.process import GaussianDiffusion
+
+    process = GaussianDiffusion(schedules.cosine(50))
+    t = torch.tensor([0.0, 0.25, 3.5, 17.9, 48.2, 49.0], dtype=torch.float64)
+    m, sigma = process.moments_at_label(t)
+    assert torch.allclose(m**2 + sigma**2, torch.ones_like(m))
+    assert torch.allclose(process.fractional_step(m**2), t, atol=1e-9)
+    integer = torch.tensor([0, 7, 49])
+    assert torch.allclose(process.moments_at_label(integer.double())[0].float(),
+                          process.moments_at_label(integer)[0])  # fmt: skip
