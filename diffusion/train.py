@@ -8,13 +8,17 @@ Returns the final validation loss (for sweepers).
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion.checkpoints import check_resumable
 from diffusion.config import build, build_loggers, check_config
@@ -32,7 +36,9 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    name_sweep_runs(cfg)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    start = time.perf_counter()
 
     datamodule = build(cfg.data, "data")
     module = build(cfg.module, "module")
@@ -63,8 +69,27 @@ def train(cfg: DictConfig) -> float | None:
             import wandb
 
             wandb.finish()
-    val_loss = trainer.callback_metrics.get("val/loss")
-    return float(val_loss) if val_loss is not None else None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    result = {"global_step": trainer.global_step, "seconds": round(time.perf_counter() - start, 1),
+              "metrics": metrics}  # fmt: skip
+    if trainer.is_global_zero:
+        (output_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return metrics.get("val/loss")
+
+
+def name_sweep_runs(cfg: DictConfig) -> None:
+    """In a Hydra multirun, W&B runs without a group or name get the sweep's directory name as
+    group and the job's overrides (``schedule=cosine,T=500``) as name, so one sweep is one group
+    with the swept values visible; both also land in the run's config.yaml."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    name = ",".join(hydra_cfg.overrides.task) or str(hydra_cfg.job.num)
+    for node in (cfg.get("logger") or {}).values():
+        if node and "WandbLogger" in node.get("_target_", ""):
+            with open_dict(node):
+                node.group = node.get("group") or f"sweep-{Path(hydra_cfg.sweep.dir).name}"
+                node.name = node.get("name") or name
 
 
 def _resume_file(cfg: DictConfig) -> Path | None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from diffusion import schedules
@@ -139,8 +142,9 @@ def test_cli_quickstart_entry_point(tiny, tmp_path):
     assert (runs[0] / "csv" / "metrics.csv").is_file()
 
 
-def test_cli_multirun_over_two_schedules(tiny, tmp_path):
-    proc = run_cli(["-m", "schedule=linear,cosine", *tiny], cwd=tmp_path)
+def test_cli_multirun_over_two_schedules_named_in_wandb_and_reported(tiny, tmp_path):
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "offline"}
+    proc = run_cli(["-m", "schedule=linear,cosine", *tiny, "logger=wandb"], cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
     assert len(sweeps) == 1
@@ -153,6 +157,28 @@ def test_cli_multirun_over_two_schedules(tiny, tmp_path):
             (run / "config.yaml").read_text().split("diffusion.schedules.")[1].split()[0]
         )
     assert schedules_used == ["linear", "cosine"]
+    # one W&B group for the sweep, one run per point named by its overrides
+    configs = [yaml.safe_load((run / "config.yaml").read_text()) for run in runs]
+    groups = {c["logger"]["wandb"]["group"] for c in configs}
+    assert groups == {f"sweep-{sweeps[0].name}"}
+    assert ["schedule=linear" in c["logger"]["wandb"]["name"] for c in configs] == [True, False]
+    assert "schedule=cosine" in configs[1]["logger"]["wandb"]["name"]
+    assert len(list(runs[0].glob("wandb/offline-run-*"))) == 1
+    # the report: swept values and final metrics per point
+    report = run_cli([str(sweeps[0])], cwd=tmp_path, entry="diffusion.report")
+    assert report.returncode == 0, report.stderr[-2000:]
+    rows = list(csv.DictReader((sweeps[0] / "report.csv").open()))
+    assert [r["schedule"] for r in rows] == ["linear", "cosine"]
+    for row, run in zip(rows, runs, strict=True):
+        result = json.loads((run / "result.json").read_text())
+        assert float(row["val/loss"]) == pytest.approx(result["metrics"]["val/loss"])
+        assert row["status"] == "done" and int(row["global_step"]) == 4
+    assert "| 0 | linear |" in report.stdout and (sweeps[0] / "report.png").is_file()
+
+
+def test_report_of_a_directory_without_runs_says_what_to_give(tmp_path):
+    proc = run_cli([str(tmp_path)], cwd=tmp_path, entry="diffusion.report")
+    assert proc.returncode != 0 and "no runs in" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_wandb_offline_without_credentials(tiny, tmp_path):
