@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from diffusion.checkpoints import check_resumable
 from diffusion.config import build, build_loggers, check_config
@@ -37,7 +43,8 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     name_sweep_runs(cfg)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # DDP children (ranks > 0) rerun this function too
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     start = time.perf_counter()
 
     datamodule = build(cfg.data, "data")
@@ -45,12 +52,19 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items() if node]
     loggers = build_loggers(cfg.logger)
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    effective_batch = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    scale = {"effective_batch_size": effective_batch, "world_size": trainer.world_size,
+             "lr": cfg.optimizer.lr}  # fmt: skip
+    log.info("batch %d per device x %d device(s) x %d accumulated = %d per optimizer step; lr %g",
+             cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
+             effective_batch, cfg.optimizer.lr)  # fmt: skip
     for logger in loggers:
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **scale})
 
     status = "failed"
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        with ddp_inside_this_sweep_job(output_dir):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except SIGTERMException:
         saved = next((c.saved for c in callbacks if getattr(c, "saved", None)), None)
         log.warning(
@@ -71,10 +85,38 @@ def train(cfg: DictConfig) -> float | None:
             wandb.finish()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     result = {"global_step": trainer.global_step, "seconds": round(time.perf_counter() - start, 1),
-              "metrics": metrics}  # fmt: skip
+              "metrics": metrics, **scale}  # fmt: skip
     if trainer.is_global_zero:
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
     return metrics.get("val/loss")
+
+
+@contextmanager
+def ddp_inside_this_sweep_job(output_dir: Path) -> Iterator[None]:
+    """Make DDP work inside a Hydra multirun, where Lightning alone gets it wrong.
+
+    Lightning starts DDP ranks > 0 by rerunning the command with ``hydra.run.dir`` set to the
+    parent's *run* directory: in a multirun that starts a whole new sweep elsewhere. So the
+    children get this job's own overrides and directory. And Lightning leaves the process group
+    and its environment variables (``LOCAL_RANK``, ``MASTER_PORT``, …) behind, so the next job
+    of the sweep would think its ranks already exist: both are undone when the job ends.
+    """
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    argv, environ = list(sys.argv), dict(os.environ)
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = str(output_dir)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def name_sweep_runs(cfg: DictConfig) -> None:
