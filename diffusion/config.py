@@ -28,6 +28,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 TOP_LEVEL_KEYS = {
     "data", "model", "schedule", "process", "sampler", "trainer", "callbacks", "logger", "paths",
     "module", "optimizer", "T", "seed", "ckpt_path", "experiment", "task_name", "tags",
+    "optimize_metric",
 }  # fmt: skip
 
 
@@ -110,6 +111,16 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.val_check_interval={interval!r} is invalid: steps (an integer) or a "
             "fraction of an epoch (a float in (0, 1])"
+        )
+    metric = cfg.get("optimize_metric", "val/loss")
+    if metric not in ("val/loss", "val/fid", "val/kid"):
+        raise ConfigError(
+            f"optimize_metric={metric!r} is invalid: use val/loss, val/fid or val/kid"
+        )
+    fid = (cfg.get("callbacks") or {}).get("fid") or {}
+    if metric != "val/loss" and not fid.get("every_n_steps"):
+        raise ConfigError(
+            f"optimize_metric={metric} needs the FID callback: set callbacks.fid.every_n_steps"
         )
     warmup = cfg.module.get("warmup_steps", 0)
     if not isinstance(warmup, int) or warmup < 0:

@@ -3,7 +3,7 @@
 Composes ``diffusion/conf/train.yaml`` with Hydra, checks it (see diffusion.config), builds
 every object from its ``_target_`` node and runs ``Trainer.fit``. Everything a run writes goes to
 its own output directory: ``config.yaml`` (resolved), ``checkpoints/``, ``samples/``, logs.
-Returns the final validation loss (for sweepers).
+Returns the final ``optimize_metric`` (``val/loss``, or ``val/fid`` where FID is on), for sweepers.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def train(cfg: DictConfig) -> float | None:
               "metrics": metrics, **scale}  # fmt: skip
     if trainer.is_global_zero:
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
-    return metrics.get("val/loss")
+    return metrics.get(cfg.get("optimize_metric") or "val/loss")
 
 
 @contextmanager

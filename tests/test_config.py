@@ -92,6 +92,11 @@ def test_every_schedule_option_is_a_function_in_the_schedules_module():
         (lambda c: c.trainer.__setitem__("accumulate_grad_batches", 0), r"must be an integer >= 1"),
         (lambda c: c.trainer.__setitem__("val_check_interval", -2), r"val_check_interval=-2 is"),
         (lambda c: c.module.__setitem__("warmup_steps", -5), r"warmup_steps=-5 is invalid"),
+        (
+            lambda c: c.__setitem__("optimize_metric", "val/fdi"),
+            r"use val/loss, val/fid or val/kid",
+        ),
+        (lambda c: c.__setitem__("optimize_metric", "val/fid"), r"set callbacks.fid.every_n_steps"),
     ],
 )
 def test_check_config_names_the_key_and_what_is_allowed(edit, message):
