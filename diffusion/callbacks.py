@@ -68,21 +68,33 @@ class SampleGrid(Callback):
             -1
         )  # global step of the last grid (batches share a step under accumulation)
 
-    @rank_zero_only
     def _draw(self, trainer: Trainer, module: LightningModule, name: str) -> None:
+        """Every rank samples its share of the grid (the initial noise of all ``n`` images comes
+        from ``seed``, so a deterministic sampler gives the same grid at any world size); rank
+        0 gathers, writes and logs."""
         self._drawn_at = trainer.global_step
-        recorder = plots.TrajectoryRecorder(k=self.strip_n)
-        generator = torch.Generator().manual_seed(self.seed)
-        images = module.sample(
-            self.n, generator=generator, callback=recorder if self.strip_n else None
+        world, rank = trainer.world_size, trainer.global_rank
+        x_T = torch.randn(
+            (self.n, *module.image_shape), generator=torch.Generator().manual_seed(self.seed)
         )
-        grid = to_grid(images)
+        share = -(-self.n // world)  # ceil: every rank samples as many (padding), for all_gather
+        mine = x_T[rank::world]
+        mine = torch.cat([mine, x_T[: share - len(mine)]]) if len(mine) < share else mine
+        recorder = plots.TrajectoryRecorder(k=min(self.strip_n, share)) if self.strip_n else None
+        generator = torch.Generator().manual_seed(self.seed + rank)  # the sampler's own noise
+        images = module.sample(share, generator=generator, callback=recorder, x_T=mine)
+        if world > 1:
+            gathered = trainer.strategy.all_gather(images)  # (world, share, C, H, W)
+            images = gathered.transpose(0, 1).reshape(-1, *images.shape[1:])[: self.n]
+        if rank != 0:
+            return
+        grid = to_grid(images.cpu())
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{name}.png"
         save_image(grid, path)
         self.last_path = path
         log_image(trainer, "samples", grid, trainer.global_step)
-        if self.strip_n:
+        if recorder is not None:
             title = f"Reverse process at step {trainer.global_step} (EMA)"
             fig = plots.denoising_strip(recorder, self.strip_steps, title)
             fig.savefig(self.dirpath / f"denoise_{name}.png", dpi=plots.DPI)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sample import sample
 
 from diffusion.analytic import GaussianEpsOracle
 from diffusion.checkpoints import load_module
@@ -39,6 +40,10 @@ def test_each_family_trains_and_its_checkpoint_samples(process, tmp_path):
     x = module.sample(3, generator=torch.Generator().manual_seed(0), callback=steps.append)
     assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all() and steps[-1].nfe >= 2
     assert (tmp_path / "samples").is_dir()
+    # the sampling entry point, with its denoising strip, on this family's checkpoint
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    info = sample([f"ckpt={ckpt}", "n=3", "batch_size=3", "strip_n=2"], tmp_path / "sampled")
+    assert info["nfe"] == steps[-1].nfe and (tmp_path / "sampled" / "denoise.png").is_file()
 
 
 @pytest.mark.parametrize(

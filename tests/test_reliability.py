@@ -85,8 +85,8 @@ def test_resuming_from_a_corrupt_checkpoint_names_the_file(tmp_path):
 
 
 def nan_on_calls(monkeypatch, calls: set[int]) -> None:
-    """Make GaussianDiffusion.loss_simple return NaN on the given (1-based) calls."""
-    original = GaussianDiffusion.loss_simple
+    """Make GaussianDiffusion.loss (the training loss) return NaN on the given (1-based) calls."""
+    original = GaussianDiffusion.loss
     count = {"n": 0}
 
     def patched(self, *args, **kwargs):
@@ -94,7 +94,7 @@ def nan_on_calls(monkeypatch, calls: set[int]) -> None:
         loss = original(self, *args, **kwargs)
         return loss * float("nan") if count["n"] in calls else loss
 
-    monkeypatch.setattr(GaussianDiffusion, "loss_simple", patched)
+    monkeypatch.setattr(GaussianDiffusion, "loss", patched)
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(

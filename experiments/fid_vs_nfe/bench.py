@@ -65,6 +65,26 @@ def reference_features(extractor) -> torch.Tensor:
     return M.cached_reference_features("mnist-t10k/all/28/inception", compute, HERE / "cache")
 
 
+def draw_resumably(module, n: int, sampler: dict, key: str) -> tuple[torch.Tensor, int]:
+    """``n`` samples in batches of BATCH, batch i seeded by i, each saved to cache/ as it is
+    done and reused by a later run (the sampling time then covers only the new batches)."""
+    folder = HERE / "cache" / f"{key}_n{n}_b{BATCH}"
+    folder.mkdir(parents=True, exist_ok=True)
+    batches, nfe = [], 0
+    for i, start in enumerate(range(0, n, BATCH)):
+        path = folder / f"{i:04d}.pt"
+        if path.exists():
+            saved = torch.load(path)
+            batches.append(saved["images"])
+            nfe = saved["nfe"]
+            continue
+        images, nfe = draw(module, min(BATCH, n - start), BATCH, i, sampler, progress=False)
+        torch.save({"images": images, "nfe": nfe}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        batches.append(images)
+    return torch.cat(batches), nfe
+
+
 def measure(ckpt: str, weights: str, n: int, rows: list[tuple[str, int]]) -> None:
     torch.manual_seed(0)
     module = load_module(ckpt)
@@ -84,7 +104,10 @@ def measure(ckpt: str, weights: str, n: int, rows: list[tuple[str, int]]) -> Non
             continue
         sampler = {**SAMPLERS[name], "steps": steps}
         start = time.perf_counter()
-        images, nfe = draw(module, n, BATCH, 0, sampler, progress=False)
+        if name == "ddpm":  # 1000 NFE: hours; batches are kept so an interrupted run resumes
+            images, nfe = draw_resumably(module, n, sampler, f"{name}_{steps}")
+        else:
+            images, nfe = draw(module, n, BATCH, 0, sampler, progress=False)
         seconds = time.perf_counter() - start
         fake = M.extract(extractor, to_uint8(images), batch_size=100)["pool"]
         row = {"sampler": name, "steps": steps, "nfe": nfe, "fid": M.frechet_distance(fake, real),
