@@ -82,7 +82,13 @@ def check_readable(path: str | Path) -> dict:
 
 
 # Module hyperparameters a resumed run must share with its checkpoint, and their config names.
-MUST_MATCH = {"net": "model", "schedule": "schedule", "T": "T", "image_shape": "data [C, H, W]"}
+MUST_MATCH = {
+    "net": "model",
+    "process": "process",
+    "schedule": "schedule",
+    "T": "T",
+    "image_shape": "data [C, H, W]",
+}
 
 
 def _differences(saved: Any, current: Any, name: str) -> list[str]:
@@ -97,10 +103,15 @@ def _differences(saved: Any, current: Any, name: str) -> list[str]:
 def check_resumable(path: str | Path, module_cfg: Mapping) -> None:
     """Raise a UserError if the checkpoint at ``path`` was trained with another network,
     schedule, T or image shape than the module config ``module_cfg`` (a plain dict)."""
-    saved = check_readable(path).get("hyper_parameters") or {}
+    saved = dict(check_readable(path).get("hyper_parameters") or {})
+    current = dict(module_cfg)
+    for hparams in (saved, current):  # checkpoints from before process= meant DDPM's
+        process = hparams.get("process")
+        if process is None or str(process.get("_target_", "")).endswith("process.ddpm"):
+            hparams["process"] = "ddpm"
     diffs = [
         d for key, name in MUST_MATCH.items()
-        for d in _differences(saved.get(key), module_cfg.get(key), name)
+        for d in _differences(saved.get(key), current.get(key), name)
     ]  # fmt: skip
     if diffs:
         more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""

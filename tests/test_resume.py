@@ -3,7 +3,9 @@ of the other N/2, including data order across an epoch boundary, flips, dropout,
 
 from __future__ import annotations
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 
 from diffusion.determinism import ResumableSampler, mix, seeded
 from diffusion.train import train
@@ -130,3 +132,17 @@ def test_resuming_from_a_checkpoint_of_another_model_config_fails_clearly(tmp_pa
         proc.stderr
     )
     assert ckpt.read_bytes() == before
+
+
+def test_resuming_a_checkpoint_of_another_family_fails_clearly(tmp_path):
+    from diffusion.checkpoints import check_resumable
+    from diffusion.errors import UserError
+
+    out = tmp_path / "run"
+    train(compose_train([*TINY, "trainer.max_steps=1"], out))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    same = compose_train([*TINY]).module
+    check_resumable(ckpt, OmegaConf.to_container(same, resolve=True))
+    other = compose_train([*TINY, "process=ncsn"]).module
+    with pytest.raises(UserError, match=r"process: checkpoint 'ddpm', config \{'_target_'"):
+        check_resumable(ckpt, OmegaConf.to_container(other, resolve=True))
