@@ -182,7 +182,7 @@ class FIDCallback(Callback):
         from lightning.pytorch.utilities import rank_zero_warn
 
         from diffusion.errors import UserError
-        from diffusion.module import check_sampler
+        from diffusion.families import check_sampler
 
         if self.sampler is not None:  # fail now, not at the first evaluation hours in
             check_sampler(module.process, self.sampler)

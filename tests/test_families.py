@@ -10,7 +10,7 @@ from test_sample import sample
 from diffusion.analytic import GaussianEpsOracle
 from diffusion.checkpoints import load_module
 from diffusion.errors import ConfigError
-from diffusion.module import as_ddpm, check_sampler
+from diffusion.families import as_ddpm, check_sampler
 from diffusion.samplers import ddim
 from diffusion.sde import NCSN, VESDE, VPSDE
 from diffusion.train import train
@@ -107,7 +107,7 @@ def test_a_ddpm_model_sampled_by_the_vp_sde_samplers_gets_the_data_right(
 ):
     """DDPM's exact ε (integer steps, interpolated in log ᾱ between them) as a VP-SDE model."""
     from diffusion import schedules, score_samplers
-    from diffusion.module import as_vp_sde
+    from diffusion.families import as_vp_sde
     from diffusion.process import GaussianDiffusion
 
     process = GaussianDiffusion(getattr(schedules, schedule)(1000))
