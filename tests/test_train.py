@@ -165,7 +165,7 @@ def test_cli_multirun_over_two_schedules_named_in_wandb_and_reported(tiny, tmp_p
     assert "schedule=cosine" in configs[1]["logger"]["wandb"]["name"]
     assert len(list(runs[0].glob("wandb/offline-run-*"))) == 1
     # the report: swept values and final metrics per point
-    report = run_cli([str(sweeps[0])], cwd=tmp_path, entry="diffusion.report")
+    report = run_cli([str(sweeps[0]), "--wandb"], cwd=tmp_path, env=env, entry="diffusion.report")
     assert report.returncode == 0, report.stderr[-2000:]
     rows = list(csv.DictReader((sweeps[0] / "report.csv").open()))
     assert [r["schedule"] for r in rows] == ["linear", "cosine"]
@@ -174,6 +174,7 @@ def test_cli_multirun_over_two_schedules_named_in_wandb_and_reported(tiny, tmp_p
         assert float(row["val/loss"]) == pytest.approx(result["metrics"]["val/loss"])
         assert row["status"] == "done" and int(row["global_step"]) == 4
     assert "| 0 | linear |" in report.stdout and (sweeps[0] / "report.png").is_file()
+    assert len(list(sweeps[0].glob("wandb/offline-run-*"))) == 1  # the table went to W&B too
 
 
 def test_report_of_a_directory_without_runs_says_what_to_give(tmp_path):
