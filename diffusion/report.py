@@ -70,14 +70,21 @@ def _plot(swept: list[str], metrics: list[str], rows: list[dict], path: Path) ->
     from matplotlib.figure import Figure
 
     done = [r for r in rows if r["status"] == "done"]
-    labels = ["\n".join(f"{k}={r[k]}" for k in swept) or str(r["job"]) for r in done]
-    fig = Figure(figsize=(max(4.0, 1.6 * len(done)) * max(1, len(metrics)) / 1.5, 3.6),
-                 layout="constrained")  # fmt: skip
-    axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
+    if len(swept) == 1:  # the values alone, the key on the axis
+        labels, xlabel = [str(r[swept[0]]) for r in done], swept[0]
+    else:
+        labels, xlabel = (
+            ["\n".join(f"{k}={r[k]}" for k in swept) or str(r["job"]) for r in done],
+            "",
+        )
+    panels = max(1, len(metrics))
+    fig = Figure(figsize=(max(4.0, 1.3 * len(done)) * panels, 3.6), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=False):
         values = [r.get(metric, float("nan")) for r in done]
         ax.bar(range(len(done)), values, color="tab:blue")
         ax.set_xticks(range(len(done)), labels, fontsize=8)
+        ax.set_xlabel(xlabel)
         ax.set_title(metric)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"sweep over {', '.join(swept)}" if swept else "sweep")
