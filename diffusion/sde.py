@@ -5,9 +5,9 @@ Every process here has a Gaussian perturbation kernel and a linear drift,
     q(x_t | x_0) = N(m(t) x_0, σ(t)² I),    dx = f(t) x dt + g(t) dw,    t ∈ [ε, 1],
 
 and the network predicts ε as in DDPM. Its time input is the **label** 999·t (for NCSN, the
-same function of σ as in the VE-SDE), so one U-Net and its embedding serve every family, and a
-DDPM network (integer t in 0…999, linear β) plugs into the VP-SDE, which it discretizes. The
-score follows from ε̂: s(x, t) = ∇ log q_t(x) = -ε̂(x, t) / σ(t).
+same function of σ as in the VE-SDE), so one U-Net and its embedding serve every family; a DDPM
+network runs with the VP-SDE samplers and a VP-SDE network with DDPM's (diffusion.families).
+The score follows from ε̂: s(x, t) = ∇ log q_t(x) = -ε̂(x, t) / σ(t).
 
 Training is denoising score matching (Song et al. 2021, Eq. 7) with λ(t) = σ(t)²; in ε form
 λ ‖s_θ + z / σ‖² = ‖ε̂ - z‖², DDPM's L_simple. ``weighting="likelihood"`` uses λ = g(t)² (Song,
