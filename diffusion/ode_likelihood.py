@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffusion.process import EpsModel
-from diffusion.sde import SDE, per_example
+from diffusion.sde import SDE
 
 
 def _rademacher(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -60,11 +60,10 @@ def ode_log_likelihood(
         nonlocal nfe
         state = torch.from_numpy(y[:-batch]).reshape(shape).to(device, dtype)
         tb = torch.full((batch,), t, device=device, dtype=dtype)
-        f, g = sde.coefficients(tb)
         with torch.enable_grad():
             state.requires_grad_(True)
             score = sde.score(model, state, tb)
-            drift = per_example(f, state) * state - 0.5 * per_example(g, state) ** 2 * score
+            drift = sde.reverse_drift(state, tb, score, probability_flow=True)
             (vjp,) = torch.autograd.grad((drift * z).sum(), state)
         nfe += 1
         divergence = (vjp * z).flatten(1).sum(1)

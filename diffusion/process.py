@@ -69,6 +69,7 @@ class GaussianDiffusion(nn.Module):
         for name, value in constants.items():
             self.register_buffer(name, value.float(), persistent=name == "beta")
         self.T = T
+        self._log_alpha_bar64 = torch.log(alpha_bar)  # for fractional steps (float64, CPU)
         self._beta64 = beta  # exact schedule, saved with checkpoints by the LightningModule
 
     @property
@@ -83,7 +84,7 @@ class GaussianDiffusion(nn.Module):
             return self.sqrt_alpha_bar.to(t.device)[t], self.sqrt_one_minus_alpha_bar.to(t.device)[
                 t
             ]
-        log_alpha_bar = torch.log(torch.cumprod(1.0 - self.beta64, 0)).to(t.device)
+        log_alpha_bar = self._log_alpha_bar64.to(t.device)
         t = t.double().clamp(0, self.T - 1)
         low = t.floor().long().clamp(max=self.T - 2) if self.T > 1 else t.long()
         frac = t - low
@@ -94,7 +95,7 @@ class GaussianDiffusion(nn.Module):
     def fractional_step(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The (fractional) step whose ᾱ is ``alpha_bar``, interpolating log ᾱ; clamped to
         [0, T-1]. The inverse of :meth:`moments_at_label` on floats."""
-        neg_log = -torch.log(torch.cumprod(1.0 - self.beta64, 0)).to(alpha_bar.device)
+        neg_log = -self._log_alpha_bar64.to(alpha_bar.device)
         y = -torch.log(alpha_bar.double())
         high = torch.searchsorted(neg_log, y).clamp(1, self.T - 1)
         low = high - 1

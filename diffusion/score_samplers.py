@@ -45,9 +45,8 @@ def euler_maruyama(
     for i, t in enumerate(torch.linspace(1.0, sde.eps, steps).tolist()):
         tb = _batch(t, x)
         score = sde.score(model, x, tb)
-        f, g = sde.coefficients(tb)
-        f, g = per_example(f, x), per_example(g, x)
-        mean = x - (f * x - g**2 * score) * dt
+        mean = x - sde.reverse_drift(x, tb, score) * dt
+        g = per_example(sde.coefficients(tb)[1], x)
         x_next = mean + g * dt**0.5 * _noise(x, generator) if i + 1 < steps else mean
         if callback is not None:
             callback(Step(t, x, x_next, _tweedie(sde, x, tb, score), nfe=i + 1))
@@ -99,10 +98,8 @@ def predictor_corrector(
             f, G = sde.discretize(x, tb, dt)
             mean = x - f + G**2 * score
         else:
-            f, g = sde.coefficients(tb)
-            f, g = per_example(f, x), per_example(g, x)
-            mean = x - (f * x - g**2 * score) * dt
-            G = g * dt**0.5
+            mean = x - sde.reverse_drift(x, tb, score) * dt
+            G = per_example(sde.coefficients(tb)[1], x) * dt**0.5
         x_next = mean + G * _noise(x, generator) if i + 1 < steps else mean
         if callback is not None:
             callback(Step(t, x, x_next, _tweedie(sde, x, tb, score), nfe=nfe))
@@ -139,8 +136,7 @@ def probability_flow(
         x_t = torch.from_numpy(y).reshape(shape).to(device, dtype)
         tb = _batch(t, x_t)
         score = sde.score(model, x_t, tb)
-        f, g = sde.coefficients(tb)
-        dx = per_example(f, x_t) * x_t - 0.5 * per_example(g, x_t) ** 2 * score
+        dx = sde.reverse_drift(x_t, tb, score, probability_flow=True)
         nfe += 1
         if callback is not None:
             callback(Step(t, x_t, x_t, _tweedie(sde, x_t, tb, score), nfe=nfe))

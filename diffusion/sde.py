@@ -58,6 +58,15 @@ class SDE(abc.ABC):
     def label(self, t: torch.Tensor) -> torch.Tensor:
         return LABEL_SCALE * t
 
+    def reverse_drift(
+        self, x: torch.Tensor, t: torch.Tensor, score: torch.Tensor, probability_flow: bool = False
+    ) -> torch.Tensor:
+        """f(t) x - g(t)² s of the reverse SDE (Song et al. 2021, Eq. 6), or f(t) x - ½ g(t)² s
+        of the probability-flow ODE (Eq. 13) with ``probability_flow``."""
+        f, g = self.coefficients(t)
+        weight = 0.5 if probability_flow else 1.0
+        return per_example(f, x) * x - weight * per_example(g, x) ** 2 * score
+
     def moments_at_label(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, σ) at the time a network input ``label`` stands for."""
         return self.marginal(label / LABEL_SCALE)
