@@ -1,7 +1,7 @@
 # Run `make help` for the list of targets.
 PYTHON ?= python
 
-.PHONY: help install test lint quickstart clean
+.PHONY: help install test lint quickstart bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ lint:  ## ruff: style and common bugs
 
 quickstart:  ## the offline quickstart: train on scikit-learn's digits, write a sample grid
 	$(PYTHON) -m diffusion.train
+
+bench:  ## speed against diffusers and lucidrains (pip install -e '.[bench]'; ~15 min on 2 CPU cores)
+	$(PYTHON) experiments/performance/bench.py --profile quick
 
 clean:  ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -58,6 +58,10 @@ class DiffusionModule(LightningModule):
             score SDE or NCSN (diffusion.sde). The sampler must suit it (:data:`SAMPLERS_OF`).
         seed: the randomness of training batch b (t, ε, dropout) is seeded by (seed, b, rank),
             so a resumed run continues bitwise (see diffusion.determinism).
+        channels_last: keep the network's weights and activations in channels_last (NHWC)
+            memory, which the convolutions run faster in (experiments/performance).
+        compile: train through ``torch.compile`` of the network (validation, sampling and the
+            checkpoint use the plain network; the first steps pay the compilation).
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class DiffusionModule(LightningModule):
         max_skipped_steps: int = 10,
         seed: int = 0,
         process: Mapping | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -92,8 +98,11 @@ class DiffusionModule(LightningModule):
         )
         image_shape = list(image_shape)
         self.save_hyperparameters()
-        self.net = instantiate(net)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = instantiate(net).to(memory_format=self.memory_format)
         self.ema = EMA(self.net, ema_decay, ema_warmup)
+        # A compiled bound method, not a module: it must not enter the state_dict a second time.
+        self._compiled_forward = torch.compile(self.net.forward) if compile else None
         self.process = (
             instantiate(process) if process else GaussianDiffusion(instantiate(schedule)(T))
         )
@@ -109,8 +118,9 @@ class DiffusionModule(LightningModule):
     def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         seed = mix(self.hparams.seed, self._batches_seen, self.global_rank)
         self._batches_seen += 1
+        x0 = x0.contiguous(memory_format=self.memory_format)
         with seeded(seed, self.device):
-            loss = self.process.loss(self.net, x0).mean()
+            loss = self.process.loss(self._compiled_forward or self.net, x0).mean()
         if not torch.isfinite(loss):
             step = self.global_step
             give_up = self._skipped_in_a_row >= self.hparams.max_skipped_steps
@@ -138,9 +148,14 @@ class DiffusionModule(LightningModule):
     def validation_step(self, x0: torch.Tensor, batch_idx: int) -> None:
         # Fixed t's and noise seeded by the batch index: the same numbers for the same weights.
         generator = torch.Generator().manual_seed(batch_idx)
+        x0 = x0.contiguous(memory_format=self.memory_format)
         losses = []
         for step in self.val_t.tolist():
-            eps = torch.randn(x0.shape, generator=generator).to(x0)
+            eps = (
+                torch.randn(x0.shape, generator=generator)
+                .to(x0)
+                .contiguous(memory_format=self.memory_format)
+            )
             t = torch.full((x0.shape[0],), step, device=x0.device, dtype=self.val_t.dtype)
             losses.append(self.process.loss(self.ema, x0, t, eps))
         loss = torch.stack(losses).mean()
@@ -205,5 +220,5 @@ class DiffusionModule(LightningModule):
             device_gen = torch.Generator(self.device).manual_seed(seed)
         x0 = sample_fn(model, x_T, process, generator=device_gen, callback=callback)
         network = self.ema if use_ema else self.net
-        network.train(was_training).to(memory_format=torch.contiguous_format)
+        network.train(was_training).to(memory_format=self.memory_format)
         return x0.clamp(-1.0, 1.0)
