@@ -77,3 +77,23 @@ def test_output_starts_at_zero_and_depends_on_t_after_a_step():
         opt.step()
     with torch.no_grad():
         assert not torch.allclose(net(x[:1], torch.tensor([0])), net(x[:1], torch.tensor([500])))
+
+
+def test_dropout_keeps_the_mean_drops_p_and_is_off_in_eval():
+    from diffusion.nn.unet import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.2)
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.2) < 0.005  # ~0.0009 is the binomial std
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.8))
+    assert abs(y.mean().item() - 1.0) < 0.01  # inverted dropout keeps the expectation
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x · mask)/dx = mask
+    assert y.dtype == x.dtype
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    half = drop.train()(torch.ones(8, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16

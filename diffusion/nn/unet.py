@@ -44,6 +44,21 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+class Dropout(nn.Dropout):
+    """Inverted dropout, x · 1[u ≥ p] / (1 - p) with u ~ U[0, 1), as ``nn.Dropout``.
+
+    On the CPU the mask comes from ``rand_like``, which is vectorised, where ``nn.Dropout``'s
+    ``bernoulli_`` is not: 1.5x faster forward + backward at unet_small's sizes, ~3 % of a
+    training step (experiments/performance). Other devices use the fused ``F.dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
 class ResBlock(nn.Module):
     """h = conv(SiLU(GN(x))) + W·SiLU(emb); out = skip(x) + conv(dropout(SiLU(GN(h))))."""
 
@@ -56,7 +71,7 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(
             _norm(c_out, groups),
             nn.SiLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             _zero(nn.Conv2d(c_out, c_out, 3, padding=1)),
         )
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)

@@ -47,6 +47,7 @@ import peers  # noqa: E402
 
 from diffusion.config import build, build_loggers, check_config  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
+from diffusion.nn.unet import ResBlock  # noqa: E402
 
 HERE = Path(__file__).parent
 CHECKPOINT = HERE.parent / "fid_vs_nfe" / "checkpoint.ckpt"  # a trained unet_small (28x28)
@@ -400,6 +401,7 @@ def variants(profile: Profile, device: torch.device) -> list[dict]:
         "AdamW fused": {"optimizer": {**optimizer, "fused": True, "foreach": None}},
         "AdamW for-loop": {"optimizer": {**optimizer, "foreach": False, "fused": None}},
         "EMA Python loop": {"ema_impl": "loop"},
+        "nn.Dropout": {"torch_dropout": True},
         "bf16 autocast": {"bf16": True},
         "torch.compile": {"compiled": True},
     }
@@ -409,8 +411,13 @@ def variants(profile: Profile, device: torch.device) -> list[dict]:
     for name, change in cases.items():
         kwargs = {"channels_last": default_cl, "optimizer": optimizer, **change}
         torch.manual_seed(0)
+        net = instantiate(model_cfg)
+        if kwargs.pop("torch_dropout", False):  # the nn.Dropout our Dropout replaced
+            for block in net.modules():
+                if isinstance(block, ResBlock):
+                    block.out_layers[2] = nn.Dropout(block.out_layers[2].p)
         out = bare_loop(
-            instantiate(model_cfg), batch, shape, kwargs.pop("optimizer"), device=device,
+            net, batch, shape, kwargs.pop("optimizer"), device=device,
             warmup=profile.warmup + (5 if name == "torch.compile" else 0), steps=profile.steps,
             **kwargs,
         )  # fmt: skip
