@@ -98,31 +98,33 @@ def clock(device: torch.device) -> float:
 PHASES = ("data", "forward", "backward", "optimizer", "ema")  # of a bare-loop step
 
 
+def _proc_status_mb(field: str) -> float | None:
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    values = [int(line.split()[1]) for line in lines if line.startswith(field + ":")]
+    return values[0] / 1024 if values else None
+
+
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Peak memory inside the block, in MB: max_memory_allocated on a GPU; on the CPU the
-    process's RSS high-water mark (VmHWM), reset on entry through /proc/self/clear_refs."""
+    """Memory a block adds at its peak above what was resident when it began, in MB (so the
+    interpreter, torch and earlier runs' leftovers do not count): max_memory_allocated on a GPU;
+    on the CPU the RSS high-water mark (VmHWM, reset through /proc/self/clear_refs; Linux)."""
     out: dict = {}
     if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        before = _proc_status_mb("VmRSS")
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
-            pass  # not Linux: the process's lifetime peak is reported
+            before = None
     yield out
     if device.type == "cuda":
-        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        status = Path("/proc/self/status")
-        lines = status.read_text().splitlines() if status.exists() else []
-        hwm = [int(line.split()[1]) for line in lines if line.startswith("VmHWM")]
-        if hwm:
-            out["peak_mb"] = hwm[0] / 1024
-        else:
-            import resource
-
-            out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 - before
+    elif before is not None:
+        out["peak_mb"] = _proc_status_mb("VmHWM") - before
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
@@ -154,65 +156,81 @@ def summary(times: list[float], batch: int) -> dict:
 
 
 # ----- training: bare loop -----------------------------------------------------------------
-def bare_loop(
-    net: nn.Module,
-    batch: int,
-    shape: tuple[int, int, int],
-    optimizer: dict,
-    *,
-    device: torch.device,
-    warmup: int,
-    steps: int,
-    channels_last: bool,
-    bf16: bool = False,
-    ema_impl: str = "foreach",
-    compiled: bool = False,
-) -> dict:
+class BareLoop:
     """DDPM's Algorithm 1 in plain PyTorch: x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, ‖ε - ε_θ(x_t, t)‖²,
-    AdamW, gradient norm clipped to 1, EMA update; data are uint8 images scaled per batch."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(device, memory_format=fmt).train()
-    ema = EMA(net, 0.9999)
-    opt = instantiate(optimizer)(params=net.parameters())
-    forward = torch.compile(net) if compiled else net
-    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=device), 0)
-    images = torch.randint(0, 256, (1024, *shape), dtype=torch.uint8, device=device)
-    step_times, phase_times = [], {name: [] for name in PHASES}
-    for _ in range(warmup + steps):
+    AdamW, gradient norm clipped to 1, EMA update; data are uint8 images scaled per batch.
+    :meth:`step` runs one step and returns the seconds of each of :data:`PHASES`."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        batch: int,
+        shape: tuple[int, int, int],
+        optimizer: dict,
+        *,
+        device: torch.device,
+        channels_last: bool,
+        bf16: bool = False,
+        ema_impl: str = "foreach",
+        compiled: bool = False,
+    ) -> None:
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = net.to(device, memory_format=self.fmt).train()
+        self.ema = EMA(net, 0.9999)
+        self.opt = instantiate(optimizer)(params=net.parameters())
+        self.forward = torch.compile(net) if compiled else net
+        self.alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=device), 0)
+        self.images = torch.randint(0, 256, (1024, *shape), dtype=torch.uint8, device=device)
+        self.batch, self.device, self.bf16, self.ema_impl = batch, device, bf16, ema_impl
+
+    def step(self) -> dict[str, float]:
+        device, batch = self.device, self.batch
         stamps = [clock(device)]
-        index = torch.randint(0, images.shape[0], (batch,), device=device)
-        x0 = (images[index].float() / 127.5 - 1).contiguous(memory_format=fmt)
+        index = torch.randint(0, self.images.shape[0], (batch,), device=device)
+        x0 = (self.images[index].float() / 127.5 - 1).contiguous(memory_format=self.fmt)
         t = torch.randint(0, 1000, (batch,), device=device)
         eps = torch.randn_like(x0)
-        ab = alpha_bar[t].view(-1, 1, 1, 1)
+        ab = self.alpha_bar[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         stamps.append(clock(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.mse_loss(forward(x_t, t).float(), eps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = F.mse_loss(self.forward(x_t, t).float(), eps)
         stamps.append(clock(device))
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         stamps.append(clock(device))
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
         stamps.append(clock(device))
-        if ema_impl == "foreach":
-            ema.update(net)
+        if self.ema_impl == "foreach":
+            self.ema.update(self.net)
         else:  # the per-parameter Python loop the foreach update replaced
             with torch.no_grad():
-                decay = ema.current_decay()
-                for e, p in zip(ema.module.parameters(), net.parameters(), strict=True):
+                decay = self.ema.current_decay()
+                for e, p in zip(self.ema.module.parameters(), self.net.parameters(), strict=True):
                     e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         stamps.append(clock(device))
-        step_times.append(stamps[-1] - stamps[0])
-        for name, a, b in zip(PHASES, stamps[:-1], stamps[1:], strict=True):
-            phase_times[name].append(b - a)
-    out = summary(step_times[warmup:], batch)
-    for name, times in phase_times.items():
-        out[f"{name}_ms"] = 1000 * statistics.median(times[warmup:])
-    out["ema_fraction"] = out["ema_ms"] / out["step_ms"]
-    if compiled:
-        out["first_step_s"] = step_times[0]
+        return {name: b - a for name, a, b in zip(PHASES, stamps[:-1], stamps[1:], strict=True)}
+
+
+def interleaved(loops: dict[str, BareLoop], warmup: int, steps: int, device) -> dict[str, dict]:
+    """Warm each loop up alone (its peak memory measured then), then time them in rounds of one
+    step each, so that a slow spell of a shared machine falls on all of them alike."""
+    phases: dict[str, list[dict]] = {name: [] for name in loops}
+    out: dict[str, dict] = {}
+    for name, loop in loops.items():
+        with peak_memory(device) as mem:
+            first = [loop.step() for _ in range(warmup)]
+        out[name] = {**mem, "first_step_s": sum(first[0].values())}
+    for _ in range(steps):
+        for name, loop in loops.items():
+            phases[name].append(loop.step())
+    for name, times in phases.items():
+        row = summary([sum(p.values()) for p in times], loops[name].batch)
+        for phase in PHASES:
+            row[f"{phase}_ms"] = 1000 * statistics.median(p[phase] for p in times)
+        row["ema_fraction"] = row["ema_ms"] / row["step_ms"]
+        out[name] = {**row, **out[name]}
     return out
 
 
@@ -262,9 +280,10 @@ def lightning_loop(
         trainer = build(
             cfg.trainer, "trainer", callbacks=[*callbacks, timer], logger=build_loggers(cfg.logger)
         )
-        trainer.fit(module, datamodule=datamodule)
+        with peak_memory(device) as mem:
+            trainer.fit(module, datamodule=datamodule)
     gaps = [b - a for a, b in zip(timer.stamps[:-1], timer.stamps[1:], strict=True)]
-    return summary(gaps[-steps:], batch)
+    return {**summary(gaps[-steps:], batch), **mem}
 
 
 # ----- training: all paths ------------------------------------------------------------------
@@ -303,29 +322,26 @@ def training(profile: Profile, device: torch.device, matmul: float) -> list[dict
         channels_last = bool(cfg.module.channels_last)
         nets = networks(model_cfg, profile.peers_required)
         for batch in batches:
-            for name, make in nets.items():
-                net = make()
-                flops = train_flops(net, batch, shape)
-                with peak_memory(device) as mem:
-                    out = bare_loop(
-                        net, batch, shape, optimizer, device=device, warmup=warmup, steps=steps,
-                        channels_last=channels_last and name == "ours",
-                    )  # fmt: skip
+            built = {name: make() for name, make in nets.items()}
+            loops = {
+                name: BareLoop(net, batch, shape, optimizer, device=device,
+                               channels_last=channels_last and name == "ours")
+                for name, net in built.items()
+            }  # fmt: skip
+            for name, out in interleaved(loops, warmup, steps, device).items():
                 rows.append({
                     "model": model, "batch": batch, "network": name, "path": "bare loop",
-                    "parameters": peers.parameter_count(net), "gflop_per_step": flops / 1e9,
-                    **out, **mem,
+                    "parameters": peers.parameter_count(built[name]),
+                    "gflop_per_step": train_flops(built[name], batch, shape) / 1e9, **out,
                 })  # fmt: skip
                 print(rows[-1], flush=True)
-            with peak_memory(device) as mem:
-                out = lightning_loop(
-                    model, batch, device=device, warmup=warmup, steps=steps, extra=[]
-                )
+            del built, loops
+            out = lightning_loop(model, batch, device=device, warmup=warmup, steps=steps, extra=[])
             ours = rows[-len(nets)]
             rows.append({
                 "model": model, "batch": batch, "network": "ours", "path": "Trainer.fit",
                 "parameters": ours["parameters"], "gflop_per_step": ours["gflop_per_step"],
-                **out, **mem,
+                **out,
             })  # fmt: skip
             print(rows[-1], flush=True)
     for row in rows:
@@ -373,9 +389,10 @@ def op_shares(net: nn.Module, batch: int, optimizer: dict, device: torch.device,
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    loop = BareLoop(net, batch, (1, 28, 28), optimizer, device=device, channels_last=channels_last)
+    loop.step()
     with profile(activities=activities) as prof:
-        bare_loop(net, batch, (1, 28, 28), optimizer, device=device, warmup=1, steps=2,
-                  channels_last=channels_last)  # fmt: skip
+        loop.step(), loop.step()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     totals = {name: 0.0 for name in [*OP_GROUPS, "other"]}
     for event in prof.key_averages():
@@ -407,7 +424,7 @@ def variants(profile: Profile, device: torch.device) -> list[dict]:
     }
     if not profile.compile:
         del cases["torch.compile"]
-    rows = []
+    loops = {}
     for name, change in cases.items():
         kwargs = {"channels_last": default_cl, "optimizer": optimizer, **change}
         torch.manual_seed(0)
@@ -416,13 +433,11 @@ def variants(profile: Profile, device: torch.device) -> list[dict]:
             for block in net.modules():
                 if isinstance(block, ResBlock):
                     block.out_layers[2] = nn.Dropout(block.out_layers[2].p)
-        out = bare_loop(
-            net, batch, shape, kwargs.pop("optimizer"), device=device,
-            warmup=profile.warmup + (5 if name == "torch.compile" else 0), steps=profile.steps,
-            **kwargs,
-        )  # fmt: skip
-        rows.append({"variant": name, "batch": batch, **out})
-        print(rows[-1], flush=True)
+        loops[name] = BareLoop(net, batch, shape, kwargs.pop("optimizer"), device=device, **kwargs)
+    # compilation and recompilation take the first few steps
+    measured = interleaved(loops, profile.warmup + 3, profile.steps, device)
+    rows = [{"variant": name, "batch": batch, **out} for name, out in measured.items()]
+    print(rows, flush=True)
     rows.append({"variant": "attention", "batch": batch, **attention_layouts(device, batch)})
     rows.append({"variant": "op shares", "batch": batch, **op_shares(
         instantiate(model_cfg), batch, optimizer, device, default_cl)})  # fmt: skip
@@ -554,7 +569,7 @@ def markdown(results: dict) -> str:
         "### Training (median step after warm-up)",
         "",
         "| model | batch | network | path | params (M) | steps timed | ms / step | images / s "
-        "| vs ours bare | GFLOP / step | GFLOP/s | of matmul rate | peak MB |",
+        "| vs ours bare | GFLOP / step | GFLOP/s | of matmul rate | peak MB of a step |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = results["training"]
@@ -583,7 +598,8 @@ def markdown(results: dict) -> str:
         for r in results["variants"]:
             if r["variant"] in ("attention", "op shares"):
                 continue
-            extra = f" (first step {r['first_step_s']:.0f} s)" if "first_step_s" in r else ""
+            slow_start = r["first_step_s"] > 5 * r["step_ms"] / 1000
+            extra = f" (first step {r['first_step_s']:.0f} s)" if slow_start else ""
             lines.append(f"| {r['variant']}{extra} | {r['step_ms']:.0f} | "
                          f"{r['step_ms'] / default:.3f} | {r['ema_ms']:.2f} |")  # fmt: skip
         att = next(r for r in results["variants"] if r["variant"] == "attention")
