@@ -6,7 +6,7 @@ times compare even when the long FID passes shared the machine. `--report` write
 the plot.
 
     python bench.py checkpoint.ckpt [--weights PATH] [--n 2000] [--rows ddim:20 ...]
-    python bench.py checkpoint.ckpt --time
+    python bench.py checkpoint.ckpt --time [--time-n 100]
     python bench.py --report
 """
 
@@ -190,11 +190,12 @@ if __name__ == "__main__":
     parser.add_argument("--rows", nargs="*", default=None, help="e.g. ddim:20 dpm_solver:20")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--time", action="store_true", help="the timing pass only")
+    parser.add_argument("--time-n", type=int, default=100, help="images per timed row")
     args = parser.parse_args()
     if args.report:
         report()
     elif args.time:
-        time_rows(args.ckpt)
+        time_rows(args.ckpt, args.time_n)
     else:
         rows = [(r.split(":")[0], int(r.split(":")[1])) for r in args.rows] if args.rows else ROWS
         measure(args.ckpt, args.weights, args.n, rows)
