@@ -142,8 +142,9 @@ def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
 
 def train_flops(net: nn.Module, batch: int, shape: tuple[int, int, int]) -> float:
     """FLOPs of one forward + backward at ``batch`` (counted at batch 2, linear in the batch)."""
-    x = torch.randn(2, *shape)
-    t = torch.randint(0, 1000, (2,))
+    device = next(net.parameters()).device
+    x = torch.randn(2, *shape, device=device)
+    t = torch.randint(0, 1000, (2,), device=device)
     with FlopCounterMode(display=False) as counter:
         net(x, t).square().mean().backward()
     net.zero_grad(set_to_none=True)
@@ -379,7 +380,7 @@ OP_GROUPS = {  # torch.profiler op names -> what they are
     "convolution": ("convolution",),
     "attention": ("attention", "bmm", "softmax"),
     "group norm": ("group_norm",),
-    "dropout": ("bernoulli", "dropout"),
+    "dropout": ("bernoulli", "dropout", "uniform_"),  # uniform_: our Dropout's rand_like
 }
 
 
