@@ -5,12 +5,13 @@ Training: images per second (median step after warm-up) of our U-Nets through th
 PyTorch loop with the same network, batch, L_simple, AdamW, gradient clipping and EMA; the same
 bare loop with diffusers' ``UNet2DModel`` and lucidrains' ``Unet`` at matched size (peers.py).
 FLOPs per step (``torch.utils.flop_counter``) give the achieved GFLOP/s, also as a fraction of
-the machine's dense float32 matmul rate measured at the start. Peak memory: RSS on the CPU,
-``max_memory_allocated`` on a GPU.
+the machine's dense float32 matmul rate measured at the start. Peak memory a step adds: RSS on
+the CPU, ``max_memory_allocated`` on a GPU.
 
 Optimisations, each against its alternative in this run: memory format, AdamW implementation,
-EMA update, attention layout, torch.compile, bf16 autocast. Sampling: seconds per 64 images per
-sampler and NFE, and the time outside the network as a fraction of the time inside it.
+EMA update, dropout mask, attention layout, torch.compile, bf16 autocast. Sampling: seconds
+per 64 images per sampler and NFE, and the time outside the network as a fraction of the time
+inside it.
 
     python experiments/performance/bench.py                 # the CPU profile (make bench)
     python experiments/performance/bench.py --profile full  # every model, batch and NFE
