@@ -113,7 +113,10 @@ def measure(ckpt: str, weights: str, n: int, rows: list[tuple[str, int]]) -> Non
         row = {"sampler": name, "steps": steps, "nfe": nfe, "fid": M.frechet_distance(fake, real),
                "sampling_seconds": round(seconds, 1),
                "seconds_per_image": round(seconds / n, 4)}  # fmt: skip
-        results["rows"].append(row)
+        # re-read: a --time pass may have written the file while this row was drawn
+        latest = json.loads(RESULTS.read_text()) if RESULTS.exists() else results
+        results = {**latest, "protocol": results["protocol"]}
+        results["rows"] = [*latest.get("rows", []), row]
         RESULTS.write_text(json.dumps(results, indent=2))
         print(row, flush=True)
 
