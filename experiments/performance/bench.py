@@ -23,6 +23,7 @@ Writes results.json and results.md next to this file (or to --out).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -293,18 +294,17 @@ def networks(model_cfg: dict, required: bool) -> dict[str, Callable[[], nn.Modul
     ours = lambda: instantiate(model_cfg)  # noqa: E731
     nets = {"ours": ours}
     target = peers.parameter_count(ours())
-    for name, make in (
-        ("diffusers", lambda: peers.diffusers_unet(model_cfg)),
-        ("lucidrains", lambda: peers.lucidrains_unet(model_cfg, target)),
-    ):
-        try:
-            make()
-        except ImportError as err:
+    for name, package, make in (
+        ("diffusers", "diffusers", lambda: peers.diffusers_unet(model_cfg)),
+        ("lucidrains", "denoising_diffusion_pytorch",
+         lambda: peers.lucidrains_unet(model_cfg, target)),
+    ):  # fmt: skip
+        if importlib.util.find_spec(package) is None:  # checked without building a network
             if required:
                 raise SystemExit(
-                    f"{err}: the peers are optional benchmark dependencies; "
-                    "pip install -e '.[bench]' (or run with --profile smoke)"
-                ) from None
+                    f"{package} is not installed: the peers are optional benchmark "
+                    "dependencies; pip install -e '.[bench]' (or run with --profile smoke)"
+                )
             continue
         nets[name] = make
     return nets
@@ -489,8 +489,7 @@ def sampling_module(process: str, device: torch.device):
 
 
 def sampler_node(name: str, options: dict) -> dict:
-    with initialize_config_module("diffusion.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"sampler={name}"])
+    cfg = compose_train([f"sampler={name}"])
     return {**OmegaConf.to_container(cfg.sampler, resolve=True), **options}
 
 
