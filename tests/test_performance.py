@@ -49,6 +49,32 @@ def test_channels_last_network_computes_the_same_function():
     )
 
 
+def test_in_place_blocks_compute_what_out_of_place_ones_did():
+    """The in-place additions and dropout against the out-of-place blocks they replaced
+    (kept in the benchmark as its "before"): same output, same gradients, same dropout."""
+    import copy
+
+    sys.path.insert(0, str(ROOT / "experiments/performance"))
+    from bench import earlier_blocks
+
+    torch.manual_seed(0)
+    net = UNet(16, 1, width=8, channel_mult=(1, 2), norm_groups=4, dropout=0.3).train()
+    for p in net.parameters():  # the zero-initialised convs would hide differences
+        torch.nn.init.normal_(p, std=0.1)
+    before = copy.deepcopy(net)
+    earlier_blocks(before, None, out_of_place=True)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 5, 19])
+    outputs = []
+    for model in (net, before):
+        torch.manual_seed(1)
+        out = model(x, t)
+        out.square().mean().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for (name, p), q in zip(net.named_parameters(), before.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def _module(tiny, **module) -> DiffusionModule:
     cfg = compose_train([*tiny, *(f"module.{k}={v}" for k, v in module.items())])
     from hydra.utils import instantiate

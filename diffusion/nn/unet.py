@@ -45,24 +45,39 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class Dropout(nn.Dropout):
-    """Inverted dropout, x · 1[u ≥ p] / (1 - p) with u ~ U[0, 1), as ``nn.Dropout``.
+    """Inverted dropout, x · 1[u ≥ p] / (1 - p), as ``nn.Dropout``.
 
-    On the CPU the mask comes from ``rand_like``, which is vectorised, where ``nn.Dropout``'s
-    ``bernoulli_`` is not: a unet_small training step is 1.05x faster (experiments/performance).
-    u is drawn in float32 also for bf16 activations, so the drop rate is p to float32 precision.
+    On the CPU the mask is cut from raw random bits: each 64-bit draw of the generator gives four
+    16-bit lanes u ∈ {0, …, 65535}, an element is dropped when u < k with k = round(65536 p), and
+    kept ones are scaled by 1 / (1 - k/65536), so the output's expectation is x exactly and the
+    drop rate is p to within 2^-17. ``nn.Dropout``'s ``bernoulli_`` and ``rand_like`` draw one
+    random number per element; this draws a quarter as many, which makes a unet_small training
+    step 1.05x faster than ``rand_like`` and 1.10x than ``bernoulli_`` (experiments/performance).
     Other devices use the fused ``F.dropout``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        u = torch.rand_like(x, dtype=torch.float32)
-        keep = (u >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * keep
+        threshold = round(self.p * 2**16)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+        lanes = bits.random_(-(2**63), None).view(torch.int16)[:n]  # uniform on [-2^15, 2^15)
+        keep = (lanes >= threshold - 2**15).to(x.dtype).mul_(2**16 / (2**16 - threshold))
+        if x.is_contiguous(memory_format=torch.channels_last):  # the mask in x's layout
+            keep = keep.as_strided(x.shape, x.stride())
+        else:
+            keep = keep.view(x.shape)
+        return x.mul_(keep) if self.inplace else x * keep
 
 
 class ResBlock(nn.Module):
-    """h = conv(SiLU(GN(x))) + W·SiLU(emb); out = skip(x) + conv(dropout(SiLU(GN(h))))."""
+    """h = conv(SiLU(GN(x))) + W·SiLU(emb); out = skip(x) + conv(dropout(SiLU(GN(h)))).
+
+    The additions and the dropout write into tensors that nothing else holds (a convolution's
+    output, SiLU's output, which its backward does not need), so no step allocates for them:
+    1.02x a unet_small training step on the CPU (experiments/performance).
+    """
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int) -> None:
         super().__init__()
@@ -73,15 +88,15 @@ class ResBlock(nn.Module):
         self.out_layers = nn.Sequential(
             _norm(c_out, groups),
             nn.SiLU(),
-            Dropout(dropout),
+            Dropout(dropout, inplace=True),
             _zero(nn.Conv2d(c_out, c_out, 3, padding=1)),
         )
         self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_proj(emb)[:, :, None, None]
-        return self.skip(x) + self.out_layers(h)
+        h += self.emb_proj(emb)[:, :, None, None]
+        return self.out_layers(h).add_(self.skip(x))
 
 
 class AttentionBlock(nn.Module):
@@ -107,7 +122,7 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
         h = h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj(h)
+        return x + self.proj(h)  # in x's layout (proj's output is channels_last-strided)
 
 
 class Downsample(nn.Module):

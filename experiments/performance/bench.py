@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -381,7 +382,7 @@ OP_GROUPS = {  # torch.profiler op names -> what they are
     "convolution": ("convolution",),
     "attention": ("attention", "bmm", "softmax"),
     "group norm": ("group_norm",),
-    "dropout": ("bernoulli", "dropout", "uniform_"),  # uniform_: our Dropout's rand_like
+    "dropout": ("bernoulli", "dropout", "uniform_", "random_"),  # random_: our lanes
 }
 
 
@@ -405,6 +406,34 @@ def op_shares(net: nn.Module, batch: int, optimizer: dict, device: torch.device,
     return {name: value / everything for name, value in totals.items()}
 
 
+class RandLikeDropout(nn.Dropout):
+    """Our dropout before the 16-bit lanes: one float32 uniform per element from rand_like."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = (torch.rand_like(x, dtype=torch.float32) >= self.p).to(x.dtype)
+        return x * keep.mul_(1.0 / (1.0 - self.p))
+
+
+def _res_out_of_place(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    h = block.in_layers(x) + block.emb_proj(emb)[:, :, None, None]
+    return block.skip(x) + block.out_layers(h)
+
+
+def earlier_blocks(net: nn.Module, dropout: str | None, out_of_place: bool) -> None:
+    """Put back what an optimisation replaced: the dropout ("rand_like": ours before; "torch":
+    nn.Dropout) or the additions and dropout that allocated a new tensor each."""
+    for block in net.modules():
+        if isinstance(block, ResBlock):
+            p = block.out_layers[2].p
+            if dropout is not None:
+                block.out_layers[2] = (
+                    RandLikeDropout(p) if dropout == "rand_like" else nn.Dropout(p)
+                )
+            if out_of_place:
+                block.out_layers[2].inplace = False
+                block.forward = types.MethodType(_res_out_of_place, block)
+
+
 def variants(profile: Profile, device: torch.device) -> list[dict]:
     """unet_small at the first batch size, bare loop: the default and one change at a time."""
     batch = profile.models["unet_small"][0]
@@ -420,7 +449,9 @@ def variants(profile: Profile, device: torch.device) -> list[dict]:
         "AdamW fused": {"optimizer": {**optimizer, "fused": True, "foreach": None}},
         "AdamW for-loop": {"optimizer": {**optimizer, "foreach": False, "fused": None}},
         "EMA Python loop": {"ema_impl": "loop"},
-        "nn.Dropout": {"torch_dropout": True},
+        "dropout from rand_like": {"dropout": "rand_like"},
+        "nn.Dropout": {"dropout": "torch"},
+        "adds out of place": {"out_of_place": True},
         "bf16 autocast": {"bf16": True},
         "torch.compile": {"compiled": True},
     }
@@ -431,10 +462,7 @@ def variants(profile: Profile, device: torch.device) -> list[dict]:
         kwargs = {"channels_last": default_cl, "optimizer": optimizer, **change}
         torch.manual_seed(0)
         net = instantiate(model_cfg)
-        if kwargs.pop("torch_dropout", False):  # the nn.Dropout our Dropout replaced
-            for block in net.modules():
-                if isinstance(block, ResBlock):
-                    block.out_layers[2] = nn.Dropout(block.out_layers[2].p)
+        earlier_blocks(net, kwargs.pop("dropout", None), kwargs.pop("out_of_place", False))
         loops[name] = BareLoop(net, batch, shape, kwargs.pop("optimizer"), device=device, **kwargs)
     # compilation and recompilation take the first few steps
     measured = interleaved(loops, profile.warmup + 3, profile.steps, device)
