@@ -28,7 +28,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 TOP_LEVEL_KEYS = {
     "data", "model", "schedule", "process", "sampler", "trainer", "callbacks", "logger", "paths",
     "module", "optimizer", "T", "seed", "ckpt_path", "experiment", "task_name", "tags",
-    "optimize_metric",
+    "optimize_metric", "keep_freed_memory",
 }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import metrics as M
+from diffusion.allocator import keep_freed_memory
 from diffusion.checkpoints import load_module
 from diffusion.config import build, build_loggers
 from diffusion.data import to_model_range
@@ -68,6 +69,8 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
     if cfg.reference_split not in ("train", "val"):
         raise ConfigError(f"reference_split must be 'train' or 'val', got {cfg.reference_split!r}")
     device = pick_device(cfg.device)
+    if cfg.get("keep_freed_memory") and device.type == "cpu":
+        keep_freed_memory()  # diffusion/allocator.py
     module = load_module(cfg.ckpt, device)
     data_cfg = data_config(cfg, module)
     out = Path(cfg.out_dir)

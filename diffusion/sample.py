@@ -24,6 +24,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from diffusion import plots
+from diffusion.allocator import keep_freed_memory
 from diffusion.callbacks import to_grid
 from diffusion.checkpoints import load_module
 from diffusion.errors import ConfigError, exit_on_user_error
@@ -91,7 +92,10 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}"
         )
-    module = load_module(cfg.ckpt, pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    if cfg.get("keep_freed_memory") and device.type == "cpu":
+        keep_freed_memory()  # diffusion/allocator.py
+    module = load_module(cfg.ckpt, device)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

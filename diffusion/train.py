@@ -22,10 +22,12 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from diffusion.allocator import keep_freed_memory
 from diffusion.checkpoints import check_resumable
 from diffusion.config import build, build_loggers, check_config
 from diffusion.errors import exit_on_user_error
@@ -52,6 +54,8 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items() if node]
     loggers = build_loggers(cfg.logger)
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    if cfg.get("keep_freed_memory") and isinstance(trainer.accelerator, CPUAccelerator):
+        keep_freed_memory()
     effective_batch = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     scale = {"effective_batch_size": effective_batch, "world_size": trainer.world_size,
              "lr": cfg.optimizer.lr}  # fmt: skip

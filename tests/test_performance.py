@@ -127,3 +127,7 @@ def test_benchmark_smoke_profile_runs_every_section(tmp_path):
     assert nfe[("ddim", 2)] == nfe[("dpm_solver", 2)] == nfe[("ddpm", 2)] == 2
     assert nfe[("annealed_langevin", 2)] == 11  # 10 noise levels x 1 step + the final denoise
     assert "| ours | Trainer.fit |" in (tmp_path / "results.md").read_text()
+    if sys.platform.startswith("linux"):  # glibc keeps freed memory: on, and off for comparison
+        assert results["machine"]["keep_freed_memory"] is True
+        assert {r["keep"] for r in results["allocator"]} == {True, False}
+        assert all(r["step_ms"] > 0 and r["rss_mb"] > 0 for r in results["allocator"])

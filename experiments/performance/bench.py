@@ -9,9 +9,11 @@ the machine's dense float32 matmul rate measured at the start. Peak memory a ste
 the CPU, ``max_memory_allocated`` on a GPU.
 
 Optimisations, each against its alternative in this run: memory format, AdamW implementation,
-EMA update, dropout mask, attention layout, torch.compile, bf16 autocast. Sampling: seconds
-per 64 images per sampler and NFE, and the time outside the network as a fraction of the time
-inside it.
+EMA update, dropout mask, in-place additions, attention layout, torch.compile, bf16 autocast.
+The host allocator: glibc keeping freed memory (``keep_freed_memory``, on in diffusion.train
+and so in this whole process, peers included) against glibc's default, a process each.
+Sampling: seconds per 64 images per sampler and NFE, and the time outside the network as a
+fraction of the time inside it.
 
     python experiments/performance/bench.py                 # the CPU profile (make bench)
     python experiments/performance/bench.py --profile full  # every model, batch and NFE
@@ -27,6 +29,7 @@ import importlib.util
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 
+from diffusion.allocator import keep_freed_memory  # noqa: E402
 from diffusion.config import build, build_loggers, check_config  # noqa: E402
 from diffusion.ema import EMA  # noqa: E402
 from diffusion.nn.unet import ResBlock  # noqa: E402
@@ -73,6 +77,7 @@ class Profile:
     compile: bool = True  # the torch.compile variant (its compilation takes minutes on a CPU)
     sample_batch: int = 64
     peers_required: bool = True
+    allocator: tuple[tuple[str, int], ...] = (("unet_small", 64),)  # (model, batch), CPU only
 
 
 PROFILES = {
@@ -81,9 +86,11 @@ PROFILES = {
                      [20, 50], ["ddpm"], [1e-3]),
     "full": Profile({"unet_small": [64, 128], "unet_base": [64, 128]}, 3, 20, 3, 20,
                     [20, 50], ["ddpm", "ddim", "dpm_solver", "euler_maruyama",
-                               "predictor_corrector", "annealed_langevin"], [1e-3, 1e-5]),
+                               "predictor_corrector", "annealed_langevin"], [1e-3, 1e-5],
+                    allocator=(("unet_small", 64), ("unet_base", 64))),
     "smoke": Profile({"unet_small": [2]}, 1, 2, 1, 1, [2], [], [1e-1],
-                     sample_batch=2, peers_required=False, compile=False),
+                     sample_batch=2, peers_required=False, compile=False,
+                     allocator=(("unet_small", 2),)),
 }  # fmt: skip
 
 
@@ -475,6 +482,50 @@ def variants(profile: Profile, device: torch.device) -> list[dict]:
     return rows
 
 
+# ----- the host allocator --------------------------------------------------------------------
+def allocator_probe(model: str, batch: int, warmup: int, steps: int, keep: bool) -> dict:
+    """Our bare loop in this (fresh) process, with glibc keeping freed memory or not: median
+    step, minor page faults per step and the resident memory at the end."""
+    import resource
+
+    applied = keep_freed_memory() if keep else False
+    device = torch.device("cpu")
+    cfg = compose_train(train_overrides(model, batch, device, 1))
+    channels, size = SHAPES[model]
+    loop = BareLoop(instantiate(OmegaConf.to_container(cfg.model, resolve=True)), batch,
+                    (channels, size, size), OmegaConf.to_container(cfg.optimizer, resolve=True),
+                    device=device, channels_last=bool(cfg.module.channels_last))  # fmt: skip
+    for _ in range(warmup):
+        loop.step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = [sum(loop.step().values()) for _ in range(steps)]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"model": model, "batch": batch, "keep_freed_memory": applied,
+            **summary(times, batch), "page_faults_per_step": faults / steps,
+            "rss_mb": _proc_status_mb("VmRSS")}  # fmt: skip
+
+
+def allocator(profile: Profile) -> list[dict]:
+    """keep_freed_memory on and off, each in a process of its own (it cannot be undone inside
+    one), alternating twice so that drift of a shared machine falls on both."""
+    rows = []
+    for model, batch in profile.allocator:
+        base = model == "unet_base"
+        warmup = profile.base_warmup if base else profile.warmup
+        steps = profile.base_steps if base else profile.steps
+        runs: dict[bool, list[dict]] = {True: [], False: []}
+        for keep in (True, False) * (1 if base else 2):
+            command = [sys.executable, __file__, "--allocator-probe", model, str(batch),
+                       str(warmup), str(steps), "keep" if keep else "default"]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            runs[keep].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        for keep, probes in runs.items():
+            best = min(probes, key=lambda r: r["step_ms"])  # the run least disturbed
+            rows.append({**best, "runs": len(probes), "keep": keep})
+            print(rows[-1], flush=True)
+    return rows
+
+
 # ----- sampling ------------------------------------------------------------------------------
 SAMPLING = [  # (process, sampler, options reaching about n network evaluations)
     ("ddpm", "ddpm", lambda n: {"steps": n}),
@@ -594,7 +645,8 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch "
-        f"threads, torch {m['torch']}, device {m['device']} {m.get('gpu', '')}. "
+        f"threads, torch {m['torch']}, device {m['device']} {m.get('gpu', '')}, freed host "
+        f"memory {'kept' if m.get('keep_freed_memory') else 'returned'} (glibc). "
         f"Profile `{results['profile']}`, {results['date']}, {results['seconds']:.0f} s in all. "
         f"Dense float32 matmul (2048²): {results['matmul_gflops']:.0f} GFLOP/s.",
         "",
@@ -641,6 +693,18 @@ def markdown(results: dict) -> str:
                   f"({att['strided_ms'] / att['unit_stride_ms']:.2f}x).", ""]  # fmt: skip
         kinds = [f"{k} {v:.0%}" for k, v in shares.items() if k not in ("variant", "batch")]
         lines.append("Operator self time by kind (torch.profiler, default): " + ", ".join(kinds))
+    if results.get("allocator"):
+        lines += ["", "### Host allocator: glibc keeping freed memory (keep_freed_memory), our "
+                  "bare loop, a process each", "",
+                  "| model | batch | freed memory | ms / step | vs kept | page faults / step "
+                  "| RSS MB |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in results["allocator"]:
+            kept = next(k for k in results["allocator"] if k["model"] == r["model"]
+                        and k["batch"] == r["batch"] and k["keep"])  # fmt: skip
+            lines.append(f"| {r['model']} | {r['batch']} | "
+                         f"{'kept' if r['keep'] else 'returned (glibc default)'} | "
+                         f"{r['step_ms']:.0f} | {r['step_ms'] / kept['step_ms']:.3f} | "
+                         f"{r['page_faults_per_step']:.0f} | {r['rss_mb']:.0f} |")  # fmt: skip
     if results.get("sampling"):
         lines += sampling_markdown(results["sampling"])
     return "\n".join(lines) + "\n"
@@ -658,19 +722,31 @@ def sampling_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+SECTIONS = ["training", "variants", "allocator", "sampling"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=HERE)
-    parser.add_argument("--only", nargs="*", choices=["training", "variants", "sampling"])
+    parser.add_argument("--only", nargs="*", choices=SECTIONS)
+    parser.add_argument("--allocator-probe", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.allocator_probe:  # a child of allocator(): MODEL BATCH WARMUP STEPS keep|default
+        model, batch, warmup, steps, mode = args.allocator_probe
+        print(json.dumps(allocator_probe(model, int(batch), int(warmup), int(steps),
+                                         mode == "keep")))  # fmt: skip
+        return
     profile, device = PROFILES[args.profile], torch.device(args.device)
-    sections = set(args.only or ["training", "variants", "sampling"])
+    sections = set(args.only or SECTIONS)
     start = time.perf_counter()
+    # as diffusion.train does by default on the CPU; every path and peer in this process alike
+    kept = keep_freed_memory() if device.type == "cpu" else False
     results: dict = {
         "profile": args.profile, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(device), "matmul_gflops": matmul_gflops(device),
+        "machine": {**machine(device), "keep_freed_memory": kept},
+        "matmul_gflops": matmul_gflops(device),
     }  # fmt: skip
     print(results, flush=True)
     results["training"] = (
@@ -679,6 +755,8 @@ def main() -> None:
     results["variants"] = (
         variants(profile, device) if "variants" in sections and profile.variants else []
     )
+    cpu = device.type == "cpu"
+    results["allocator"] = allocator(profile) if "allocator" in sections and cpu else []
     results["sampling"] = sampling(profile, device) if "sampling" in sections else []
     results["seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
