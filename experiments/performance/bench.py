@@ -5,8 +5,9 @@ Training: images per second (median step after warm-up) of our U-Nets through th
 PyTorch loop with the same network, batch, L_simple, AdamW, gradient clipping and EMA; the same
 bare loop with diffusers' ``UNet2DModel`` and lucidrains' ``Unet`` at matched size (peers.py).
 FLOPs per step (``torch.utils.flop_counter``) give the achieved GFLOP/s, also as a fraction of
-the machine's dense float32 matmul rate measured at the start. Peak memory a step adds: RSS on
-the CPU, ``max_memory_allocated`` on a GPU.
+the machine's dense float32 matmul rate measured at the start. Peak memory a step adds: bytes
+allocated through malloc on the CPU (glibc's mallinfo2, polled), ``max_memory_allocated`` on a
+GPU.
 
 Optimisations, each against its alternative in this run: memory format, AdamW implementation,
 EMA update, dropout mask, in-place additions, attention layout, torch.compile, bf16 autocast.
@@ -16,7 +17,7 @@ Sampling: seconds per 64 images per sampler and NFE, and the time outside the ne
 fraction of the time inside it.
 
     python experiments/performance/bench.py                 # the CPU profile (make bench)
-    python experiments/performance/bench.py --profile full  # every model, batch and NFE
+    python experiments/performance/bench.py --profile full  # the whole protocol (~1 h on 2 cores)
     python experiments/performance/bench.py --profile smoke # seconds; what the tests run
 
 Writes results.json and results.md next to this file (or to --out).
@@ -25,6 +26,8 @@ Writes results.json and results.md next to this file (or to --out).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import importlib.util
 import json
 import platform
@@ -32,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -115,15 +119,49 @@ def _proc_status_mb(field: str) -> float | None:
     return values[0] / 1024 if values else None
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
+
+
+def malloc_in_use() -> Callable[[], int] | None:
+    """Bytes glibc's malloc has handed out and not had back (mallinfo2: heap + mmapped blocks),
+    whether or not freed memory is kept in the process; None without glibc >= 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
 @contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Memory a block adds at its peak above what was resident when it began, in MB (so the
+def peak_memory(device: torch.device, every_s: float = 0.002) -> Iterator[dict]:
+    """Memory a block adds at its peak above what was in use when it began, in MB (so the
     interpreter, torch and earlier runs' leftovers do not count): max_memory_allocated on a GPU;
-    on the CPU the RSS high-water mark (VmHWM, reset through /proc/self/clear_refs; Linux)."""
+    on the CPU the bytes malloc has handed out, polled every ``every_s`` by a thread (RSS would
+    count freed memory the process keeps: keep_freed_memory); without glibc the RSS high-water
+    mark (VmHWM, reset through /proc/self/clear_refs; Linux)."""
     out: dict = {}
+    in_use = malloc_in_use() if device.type == "cpu" else None
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
+    elif in_use is not None:
+        before, peak, done = in_use(), [0], threading.Event()
+
+        def poll() -> None:
+            while not done.wait(every_s):
+                peak[0] = max(peak[0], in_use())
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
     else:
         before = _proc_status_mb("VmRSS")
         try:
@@ -133,6 +171,10 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     yield out
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 - before
+    elif in_use is not None:
+        done.set()
+        poller.join()
+        out["peak_mb"] = (max(peak[0], in_use()) - before) / 2**20
     elif before is not None:
         out["peak_mb"] = _proc_status_mb("VmHWM") - before
 
