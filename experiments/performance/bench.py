@@ -38,8 +38,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,42 +140,54 @@ def malloc_in_use() -> Callable[[], int] | None:
     return in_use
 
 
-@contextmanager
-def peak_memory(device: torch.device, every_s: float = 0.002) -> Iterator[dict]:
+class PeakMemory:
     """Memory a block adds at its peak above what was in use when it began, in MB (so the
     interpreter, torch and earlier runs' leftovers do not count): max_memory_allocated on a GPU;
     on the CPU the bytes malloc has handed out, polled every ``every_s`` by a thread (RSS would
     count freed memory the process keeps: keep_freed_memory); without glibc the RSS high-water
-    mark (VmHWM, reset through /proc/self/clear_refs; Linux)."""
-    out: dict = {}
-    in_use = malloc_in_use() if device.type == "cpu" else None
-    if device.type == "cuda":
-        before = torch.cuda.memory_allocated(device) / 2**20
-        torch.cuda.reset_peak_memory_stats(device)
-    elif in_use is not None:
-        before, peak, done = in_use(), [0], threading.Event()
+    mark (VmHWM, reset through /proc/self/clear_refs; Linux). The poll takes malloc's lock, so
+    call :meth:`stop` before timing anything (leaving the block stops it too)."""
 
-        def poll() -> None:
-            while not done.wait(every_s):
-                peak[0] = max(peak[0], in_use())
+    def __init__(self, device: torch.device, every_s: float = 0.002) -> None:
+        self.device, self.every_s, self.result, self.before = device, every_s, {}, None
+        self.in_use = malloc_in_use() if device.type == "cpu" else None
+        self.done, self.poller, self.peak = threading.Event(), None, 0
 
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-    else:
-        before = _proc_status_mb("VmRSS")
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            before = None
-    yield out
-    if device.type == "cuda":
-        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 - before
-    elif in_use is not None:
-        done.set()
-        poller.join()
-        out["peak_mb"] = (max(peak[0], in_use()) - before) / 2**20
-    elif before is not None:
-        out["peak_mb"] = _proc_status_mb("VmHWM") - before
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            self.before = torch.cuda.memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.in_use is not None:
+            self.before = self.in_use() / 2**20
+            self.poller = threading.Thread(target=self._poll, daemon=True)
+            self.poller.start()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.before = _proc_status_mb("VmRSS")
+            except OSError:
+                pass
+        return self
+
+    def _poll(self) -> None:
+        while not self.done.wait(self.every_s):
+            self.peak = max(self.peak, self.in_use())
+
+    def stop(self) -> None:
+        if self.done.is_set() or self.before is None:
+            return
+        self.done.set()
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.poller is not None:
+            self.poller.join()
+            peak = max(self.peak, self.in_use()) / 2**20
+        else:
+            peak = _proc_status_mb("VmHWM")
+        self.result["peak_mb"] = peak - self.before
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
@@ -272,9 +283,9 @@ def interleaved(loops: dict[str, BareLoop], warmup: int, steps: int, device) -> 
     phases: dict[str, list[dict]] = {name: [] for name in loops}
     out: dict[str, dict] = {}
     for name, loop in loops.items():
-        with peak_memory(device) as mem:
+        with PeakMemory(device) as mem:
             first = [loop.step() for _ in range(warmup)]
-        out[name] = {**mem, "first_step_s": sum(first[0].values())}
+        out[name] = {**mem.result, "first_step_s": sum(first[0].values())}
     for _ in range(steps):
         for name, loop in loops.items():
             phases[name].append(loop.step())
@@ -307,12 +318,16 @@ def train_overrides(model: str, batch: int, device: torch.device, max_steps: int
 
 
 class StepTimer(Callback):
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.stamps = device, []
+    """Stamps the end of every step; calls ``after_warmup`` once ``warmup`` steps are done."""
+
+    def __init__(self, device: torch.device, warmup: int, after_warmup: Callable) -> None:
+        self.device, self.stamps, self.warmup, self.after_warmup = device, [], warmup, after_warmup
 
     def on_train_batch_end(self, *args) -> None:
         synchronize(self.device)
         self.stamps.append(time.perf_counter())
+        if len(self.stamps) == self.warmup:
+            self.after_warmup()  # before the next stamp: untimed
 
 
 def lightning_loop(
@@ -328,15 +343,16 @@ def lightning_loop(
         check_config(cfg)
         datamodule = build(cfg.data, "data")
         module = build(cfg.module, "module")
-        timer = StepTimer(device)
+        memory = PeakMemory(device)  # over the warm-up steps, as for the bare loops
+        timer = StepTimer(device, warmup, after_warmup=memory.stop)
         callbacks = [build(n, f"callbacks.{k}") for k, n in cfg.callbacks.items() if n]
         trainer = build(
             cfg.trainer, "trainer", callbacks=[*callbacks, timer], logger=build_loggers(cfg.logger)
         )
-        with peak_memory(device) as mem:
+        with memory:
             trainer.fit(module, datamodule=datamodule)
     gaps = [b - a for a, b in zip(timer.stamps[:-1], timer.stamps[1:], strict=True)]
-    return {**summary(gaps[-steps:], batch), **mem}
+    return {**summary(gaps[-steps:], batch), **memory.result}
 
 
 # ----- training: all paths ------------------------------------------------------------------
