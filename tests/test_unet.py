@@ -99,6 +99,7 @@ def test_dropout_keeps_the_mean_drops_p_and_is_off_in_eval():
     half = drop.train()(torch.ones(200_000, dtype=torch.bfloat16))
     assert half.dtype == torch.bfloat16
     assert abs((half == 0).float().mean().item() - 0.2) < 0.005
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))  # no division by 1 - p = 0
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

@@ -60,6 +60,8 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
         threshold = round(self.p * 2**16)
+        if threshold == 2**16:  # p within 2^-17 of 1: everything dropped
+            return super().forward(x)
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
         lanes = bits.random_(-(2**63), None).view(torch.int16)[:n]  # uniform on [-2^15, 2^15)
