@@ -807,14 +807,16 @@ def main() -> None:
         "matmul_gflops": matmul_gflops(device),
     }  # fmt: skip
     print(results, flush=True)
+    # first, while this process is small: it keeps the freed memory of every network it runs
+    # (20 GB after unet_base at batch 128), and the probes' processes need room beside it
+    cpu = device.type == "cpu"
+    results["allocator"] = allocator(profile) if "allocator" in sections and cpu else []
     results["training"] = (
         training(profile, device, results["matmul_gflops"]) if "training" in sections else []
     )
     results["variants"] = (
         variants(profile, device) if "variants" in sections and profile.variants else []
     )
-    cpu = device.type == "cpu"
-    results["allocator"] = allocator(profile) if "allocator" in sections and cpu else []
     results["sampling"] = sampling(profile, device) if "sampling" in sections else []
     results["seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
