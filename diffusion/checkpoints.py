@@ -11,12 +11,24 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffusion.compat import upgrade, with_defaults
 from diffusion.errors import UserError
+from diffusion.training.module import DiffusionModule
 
 
-def load_module(path: str | Path, device: torch.device | str = "cpu"):
-    """The :class:`~diffusion.module.DiffusionModule` at ``path``, in eval mode on ``device``."""
-    from diffusion.module import DiffusionModule
+def pick_device(name: str) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:1``, …"""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_module(
+    path: str | Path, device: torch.device | str = "cpu", prediction: str | None = None
+) -> DiffusionModule:
+    """The :class:`~diffusion.training.module.DiffusionModule` at ``path``, in eval mode on
+    ``device``. ``prediction``, if given, must be the target the checkpoint was trained for: a
+    network trained to predict one target cannot be read as another."""
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -28,6 +40,13 @@ def load_module(path: str | Path, device: torch.device | str = "cpu"):
             f"cannot load checkpoint {str(path)!r}: it is truncated, corrupt or not a checkpoint "
             f"of diffusion.train ({type(err).__name__}: {str(err)[:200]})"
         ) from None
+    trained = module.hparams.get("prediction", "eps")
+    if prediction is not None and prediction != trained:
+        raise UserError(
+            f"prediction={prediction!r}, but checkpoint {str(path)!r} was trained with "
+            f"module.prediction={trained!r}: its network cannot be read as another target; drop "
+            "prediction= (the checkpoint's own is used)"
+        )
     return module.eval()
 
 
@@ -81,13 +100,16 @@ def check_readable(path: str | Path) -> dict:
     return ckpt
 
 
-# Module hyperparameters a resumed run must share with its checkpoint, and their config names.
+# Module hyperparameters a resumed run must share with its checkpoint, their config names, and
+# the value a checkpoint that predates the key meant.
 MUST_MATCH = {
-    "net": "model",
-    "process": "process",
-    "schedule": "schedule",
-    "T": "T",
-    "image_shape": "data [C, H, W]",
+    "net": ("model", None),
+    "process": ("process", None),
+    "schedule": ("schedule", None),
+    "T": ("T", None),
+    "image_shape": ("data [C, H, W]", None),
+    "prediction": ("module.prediction", "eps"),
+    "learn_sigma": ("module.learn_sigma", False),
 }
 
 
@@ -103,15 +125,15 @@ def _differences(saved: Any, current: Any, name: str) -> list[str]:
 def check_resumable(path: str | Path, module_cfg: Mapping) -> None:
     """Raise a UserError if the checkpoint at ``path`` was trained with another network,
     schedule, T or image shape than the module config ``module_cfg`` (a plain dict)."""
-    saved = dict(check_readable(path).get("hyper_parameters") or {})
-    current = dict(module_cfg)
+    saved = with_defaults(upgrade(dict(check_readable(path).get("hyper_parameters") or {})))
+    current = with_defaults(upgrade(dict(module_cfg)))
     for hparams in (saved, current):  # checkpoints from before process= meant DDPM's
         process = hparams.get("process")
-        if process is None or str(process.get("_target_", "")).endswith("process.ddpm"):
+        if process is None or str(process.get("_target_", "")).endswith(".ddpm"):
             hparams["process"] = "ddpm"
     diffs = [
-        d for key, name in MUST_MATCH.items()
-        for d in _differences(saved.get(key), current.get(key), name)
+        d for key, (name, default) in MUST_MATCH.items()
+        for d in _differences(saved.get(key, default), current.get(key, default), name)
     ]  # fmt: skip
     if diffs:
         more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""

@@ -28,7 +28,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 TOP_LEVEL_KEYS = {
     "data", "model", "schedule", "process", "sampler", "trainer", "callbacks", "logger", "paths",
     "module", "optimizer", "T", "seed", "ckpt_path", "experiment", "task_name", "tags",
-    "optimize_metric", "keep_freed_memory",
+    "optimize_metric", "keep_freed_memory", "loss_weight",
 }  # fmt: skip
 
 
@@ -122,9 +122,46 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"optimize_metric={metric} needs the FID callback: set callbacks.fid.every_n_steps"
         )
+    check_objective(cfg.module)
     warmup = cfg.module.get("warmup_steps", 0)
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"module.warmup_steps={warmup!r} is invalid: it must be an integer >= 0")
+
+
+def check_objective(module: DictConfig) -> None:
+    """``module.prediction`` and ``module.loss_weight`` name a known target and weighting."""
+    from diffusion.processes.prediction import TARGETS
+    from diffusion.training.weighting import shipped
+
+    prediction = module.get("prediction", "eps")
+    if prediction not in TARGETS:
+        raise ConfigError(
+            f"module.prediction={prediction!r} is invalid: choose one of {list(TARGETS)}"
+        )
+    weight = module.get("loss_weight")
+    if isinstance(weight, str) and weight not in shipped():
+        raise ConfigError(
+            f"module.loss_weight={weight!r} is invalid: choose one of {shipped()} "
+            "(conf/loss_weight/)"
+        )
+    learn_sigma = module.get("learn_sigma", False)
+    if not isinstance(learn_sigma, bool):
+        raise ConfigError(f"module.learn_sigma={learn_sigma!r} is invalid: use true or false")
+    vlb_weight = module.get("vlb_weight", 0.001)
+    if not isinstance(vlb_weight, (int, float)) or isinstance(vlb_weight, bool) or vlb_weight < 0:
+        raise ConfigError(f"module.vlb_weight={vlb_weight!r} is invalid: it must be a number >= 0")
+    if not module.get("process"):
+        return
+    from diffusion.training.objective import check_fits
+    from diffusion.training.weighting import load_loss_weight
+
+    process = build(module.process, "process")
+    if isinstance(weight, DictConfig):
+        weight = build(weight, "loss_weight")
+    check_fits(
+        process, load_loss_weight(weight or "simple"), learn_sigma,
+        module.get("t_sampling", "uniform"),
+    )  # fmt: skip
 
 
 def check_model_fits_data(cfg: DictConfig) -> None:

@@ -21,17 +21,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import metrics as M
 from diffusion.allocator import keep_freed_memory
-from diffusion.checkpoints import load_module
+from diffusion.checkpoints import load_module, pick_device
 from diffusion.config import build, build_loggers
-from diffusion.data import to_model_range
 from diffusion.errors import ConfigError, exit_on_user_error
-from diffusion.likelihood import bits_per_dim
-from diffusion.ode_likelihood import ode_bits_per_dim
-from diffusion.process import GaussianDiffusion
-from diffusion.sample import draw, pick_device, to_uint8
-from diffusion.sde import SDE
+from diffusion.evaluation import metrics as M
+from diffusion.evaluation.draw import draw, to_uint8
+from diffusion.evaluation.likelihood import bits_per_dim
+from diffusion.evaluation.ode_likelihood import ode_bits_per_dim
+from diffusion.training.data import to_model_range
 
 METRICS = ("fid", "kid", "is", "bpd")
 
@@ -71,7 +69,7 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
     device = pick_device(cfg.device)
     if cfg.get("keep_freed_memory") and device.type == "cpu":
         keep_freed_memory()  # diffusion/allocator.py
-    module = load_module(cfg.ckpt, device)
+    module = load_module(cfg.ckpt, device, cfg.get("prediction"))
     data_cfg = data_config(cfg, module)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,12 +136,12 @@ def bits_per_dim_of(module, data_cfg: DictConfig, cfg: DictConfig) -> tuple[floa
     """Bits per dimension on the validation images: DDPM's variational bound, or the
     probability-flow ODE likelihood for the SDE families; (bpd, protocol, terms)."""
     pixels = split_images(data_cfg, "val", cfg.bpd_n)
-    model = module.ema if cfg.use_ema else module.net
+    model = module.predictor(cfg.use_ema)
     generator = torch.Generator().manual_seed(cfg.seed)
     process = module.process
-    if isinstance(process, SDE):
+    if "vlb" not in process.offers and "sde" in process.offers:
         parts = [
-            ode_bits_per_dim(model, process, batch, generator, device=module.device)
+            ode_bits_per_dim(model, batch, generator, device=module.device)
             for batch in pixels.split(cfg.bpd_batch_size)
         ]
         bpd = torch.cat([p[0] for p in parts])
@@ -152,16 +150,18 @@ def bits_per_dim_of(module, data_cfg: DictConfig, cfg: DictConfig) -> tuple[floa
                               "(Rademacher), uniform dequantization",
                     "nfe_mean": sum(p[1] for p in parts) / len(parts)}  # fmt: skip
         return float(bpd.mean()), protocol, {}
-    if not isinstance(process, GaussianDiffusion):
+    if "vlb" not in process.offers:
         raise ConfigError(
-            f"bpd needs a likelihood: DDPM (variational bound) or a score SDE (probability-flow "
-            f"ODE); a {type(process).__name__} model has neither. Drop bpd from metrics"
+            f"bpd needs a likelihood: a variational bound (process=ddpm) or an SDE view for the "
+            f"probability-flow ODE; process={process.family} has neither. Drop bpd from metrics"
         )
-    variance = cfg.bpd_variance or module.hparams.sampler.get("variance", "beta_tilde")
+    if module.hparams.get("learn_sigma"):
+        variance = "learned"
+    else:
+        variance = cfg.bpd_variance or module.hparams.sampler.get("variance", "beta_tilde")
     x0 = to_model_range(pixels).to(module.device)
     parts = [
-        bits_per_dim(model, process, batch, variance, generator)
-        for batch in x0.split(cfg.bpd_batch_size)
+        bits_per_dim(model, batch, variance, generator) for batch in x0.split(cfg.bpd_batch_size)
     ]
     terms = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     protocol = {"n_images": int(x0.shape[0]), "split": "val", "variance": variance,

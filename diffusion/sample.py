@@ -18,70 +18,14 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
-from tqdm import tqdm
 
-from diffusion import plots
 from diffusion.allocator import keep_freed_memory
-from diffusion.callbacks import to_grid
-from diffusion.checkpoints import load_module
+from diffusion.checkpoints import load_module, pick_device
 from diffusion.errors import ConfigError, exit_on_user_error
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats (N, C, H, W) -> uint8 [0, 255], same layout."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class NFECounter:
-    """Sampler callback: counts network evaluations and advances a progress bar."""
-
-    def __init__(self, bar: tqdm | None = None, then=None) -> None:
-        self.nfe = 0
-        self.bar = bar
-        self.then = then
-
-    def __call__(self, step) -> None:
-        self.nfe = step.nfe
-        if self.bar is not None:
-            self.bar.set_postfix(nfe=step.nfe, refresh=False)
-        if self.then is not None:
-            self.then(step)
-
-
-def draw(
-    module,
-    n: int,
-    batch_size: int,
-    seed: int,
-    sampler,
-    use_ema: bool = True,
-    strip: plots.TrajectoryRecorder | None = None,
-    progress: bool = True,
-) -> tuple[torch.Tensor, int]:
-    """``n`` samples in [-1, 1] on the CPU, in batches, from one seed; returns them and the NFE
-    per sample. ``strip`` records the trajectory of the first batch."""
-    generator = torch.Generator().manual_seed(seed)
-    batches, nfe = [], 0
-    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
-    bar = tqdm(sizes, desc="sampling", unit="batch", disable=not progress)
-    for i, size in enumerate(bar):
-        counter = NFECounter(bar, then=strip if i == 0 else None)
-        batches.append(
-            module.sample(
-                size, generator=generator, use_ema=use_ema, callback=counter, sampler=sampler
-            ).cpu()
-        )
-        nfe = counter.nfe
-    return torch.cat(batches), nfe
+from diffusion.evaluation import plots
+from diffusion.evaluation.draw import draw, to_uint8
 
 
 def run(cfg: DictConfig) -> dict:
@@ -95,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     if cfg.get("keep_freed_memory") and device.type == "cpu":
         keep_freed_memory()  # diffusion/allocator.py
-    module = load_module(cfg.ckpt, device)
+    module = load_module(cfg.ckpt, device, cfg.get("prediction"))
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - start
     pixels = to_uint8(images)
     np.savez(out / "samples.npz", images=pixels.permute(0, 2, 3, 1).numpy())
-    save_image(to_grid(images[: cfg.grid_max]), out / "grid.png")
+    save_image(plots.to_grid(images[: cfg.grid_max]), out / "grid.png")
     if cfg.save_images:
         (out / "images").mkdir(exist_ok=True)
         for i, img in enumerate(pixels):

@@ -21,12 +21,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion import plots
 from diffusion.checkpoints import load_module
 from diffusion.config import build
-from diffusion.data import to_model_range
 from diffusion.errors import ConfigError, exit_on_user_error
-from diffusion.process import GaussianDiffusion
+from diffusion.evaluation import plots
+from diffusion.processes.ddpm import GaussianDiffusion
+from diffusion.training.data import to_model_range
 
 MODES = ("forward", "schedules", "denoise")
 
@@ -99,7 +99,7 @@ def run_denoise(cfg: DictConfig, out: Path) -> list[Path]:
     if not cfg.ckpt:
         raise ConfigError("mode=denoise needs a checkpoint: ckpt=path/to/last.ckpt")
     ckpt = Path(cfg.ckpt).expanduser()
-    module = load_module(ckpt)
+    module = load_module(ckpt, prediction=cfg.get("prediction"))
     recorder = plots.TrajectoryRecorder(k=cfg.n)
     generator = torch.Generator().manual_seed(cfg.seed)
     module.sample(cfg.n, generator=generator, callback=recorder, sampler=cfg.get("sampler"))

@@ -63,3 +63,13 @@ def run_cli(
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """One tiny DDPM checkpoint, trained for two steps, shared by the tests that only read it."""
+    from diffusion.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(compose_train([*TINY, "trainer.max_steps=2"], out))
+    return out / "checkpoints" / "last.ckpt"

@@ -63,7 +63,7 @@ def test_every_option_of_every_group_composes_checks_and_instantiates(group, tmp
 
 
 def test_every_schedule_option_is_a_function_in_the_schedules_module():
-    from diffusion import schedules
+    from diffusion.processes import schedules
 
     assert options("schedule") == ["cosine", "linear", "quadratic", "sigmoid"]
     for name in options("schedule"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion.ema import EMA
+from diffusion.training.ema import EMA
 
 
 def test_update_is_the_moving_average_with_warmup():

@@ -51,7 +51,7 @@ def test_fid_kid_bpd_with_protocol_in_metrics_json(ckpt, tmp_path):
         "n": 100,
         "image_size": 16,
     }
-    assert protocol["sampler"]["_target_"] == "diffusion.samplers.ddim"
+    assert protocol["sampler"]["_target_"] == "diffusion.samplers.chain.ddim"
     assert protocol["bpd"]["n_images"] == 6 and protocol["bpd"]["T"] == 20
     assert set(result["bpd_terms"]) == {"prior", "vb", "decoder"}
     # the reference features were cached: a second evaluation reads them
@@ -92,7 +92,7 @@ def test_bpd_of_continuous_families_through_the_probability_flow_ode(process, tm
     ckpt = out / "checkpoints" / "last.ckpt"
     overrides = [f"ckpt={ckpt}", "metrics=[bpd]", "bpd_n=4", "bpd_batch_size=4"]
     if process == "ncsn":
-        with pytest.raises(ConfigError, match="bpd needs a likelihood.*NCSN model has neither"):
+        with pytest.raises(ConfigError, match="bpd needs a likelihood.*process=ncsn has neither"):
             evaluate(overrides, tmp_path / "eval")
         return
     result = evaluate(overrides, tmp_path / "eval")

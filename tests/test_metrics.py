@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from diffusion import metrics as M
+from diffusion.evaluation import metrics as M
 
 
 class SmallFeatures(nn.Module):

@@ -13,8 +13,8 @@ import torch
 
 from diffusion.checkpoints import AtomicCheckpointIO, check_readable
 from diffusion.errors import NonFiniteLossError, UserError
-from diffusion.process import GaussianDiffusion
 from diffusion.train import train
+from diffusion.training.objective import Objective
 
 from conftest import TINY, compose_train
 
@@ -85,8 +85,8 @@ def test_resuming_from_a_corrupt_checkpoint_names_the_file(tmp_path):
 
 
 def nan_on_calls(monkeypatch, calls: set[int]) -> None:
-    """Make GaussianDiffusion.loss (the training loss) return NaN on the given (1-based) calls."""
-    original = GaussianDiffusion.loss
+    """Make the training objective return NaN on the given (1-based) calls."""
+    original = Objective.__call__
     count = {"n": 0}
 
     def patched(self, *args, **kwargs):
@@ -94,7 +94,7 @@ def nan_on_calls(monkeypatch, calls: set[int]) -> None:
         loss = original(self, *args, **kwargs)
         return loss * float("nan") if count["n"] in calls else loss
 
-    monkeypatch.setattr(GaussianDiffusion, "loss", patched)
+    monkeypatch.setattr(Objective, "__call__", patched)
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(

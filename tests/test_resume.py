@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffusion.determinism import ResumableSampler, mix, seeded
 from diffusion.train import train
+from diffusion.training.determinism import ResumableSampler, mix, seeded
 
 from conftest import TINY, compose_train, run_cli
 

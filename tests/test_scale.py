@@ -79,7 +79,7 @@ def test_multirun_with_ddp_gives_one_directory_per_point(tmp_path):
         assert (sweeps[0] / job / "checkpoints" / "last.ckpt").is_file()
         assert yaml.safe_load((sweeps[0] / job / "result.json").read_text())["world_size"] == 2
     for schedule in ("linear", "cosine"):
-        _assert_ranks_agree(tmp_path / "dump" / f"diffusion.schedules.{schedule}")
+        _assert_ranks_agree(tmp_path / "dump" / f"diffusion.processes.schedules.{schedule}")
 
 
 def test_parallel_launcher_runs_the_points_in_worker_processes(tmp_path):

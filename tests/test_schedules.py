@@ -1,12 +1,12 @@
-"""Closed-form checks of the β schedules (diffusion.schedules)."""
+"""Closed-form checks of the β schedules (diffusion.processes.schedules)."""
 
 import math
 
 import pytest
 import torch
 
-from diffusion import schedules
-from diffusion.schedules import validate_beta
+from diffusion.processes import schedules
+from diffusion.processes.schedules import validate_beta
 
 ALL = [schedules.linear, schedules.quadratic, schedules.sigmoid, schedules.cosine]
 

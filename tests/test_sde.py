@@ -8,14 +8,23 @@ import math
 import pytest
 import torch
 
-from diffusion import schedules
-from diffusion import score_samplers as S
-from diffusion.analytic import GaussianEpsOracle
-from diffusion.ode_likelihood import ode_bits_per_dim, ode_log_likelihood
-from diffusion.sde import NCSN, VESDE, VPSDE, SubVPSDE
+from diffusion import samplers as S
+from diffusion.evaluation.ode_likelihood import ode_bits_per_dim, ode_log_likelihood
+from diffusion.processes import schedules
+from diffusion.processes.analytic import GaussianOracle
+from diffusion.processes.ncsn import NCSN
+from diffusion.processes.prediction import Predictor
+from diffusion.processes.sde import VESDE, VPSDE, SubVPSDE
+from diffusion.training.objective import Objective
+from diffusion.training.weighting import Likelihood, Simple
 
 MEAN, STD = 0.4, 0.3
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE(sigma_max=50.0)}
+
+
+def GaussianEpsOracle(process, mean, std) -> Predictor:
+    """The exact ε-network for N(mean, std²) data, seen through the process."""
+    return Predictor(GaussianOracle(process, mean, std), process)
 
 
 def test_vp_sde_discretized_with_1000_steps_is_ddpm_linear_schedule():
@@ -59,8 +68,7 @@ def test_score_from_the_eps_oracle_is_the_gradient_of_the_log_density(name):
     process = SDES.get(name) or NCSN()
     oracle = GaussianEpsOracle(process, MEAN, STD)
     t = torch.tensor([0.05, 0.3, 0.7, 1.0], dtype=torch.float64)
-    sigma_ncsn = process.sigmas[[0, 3, 6, 9]] if name == "ncsn" else None
-    at = sigma_ncsn if name == "ncsn" else t
+    at = torch.tensor([0.0, 3.0, 6.0, 9.0], dtype=torch.float64) if name == "ncsn" else t
     x = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
     label = process.label(at)
     m, sigma = process.moments_at_label(label)
@@ -70,18 +78,21 @@ def test_score_from_the_eps_oracle_is_the_gradient_of_the_log_density(name):
     )
     (grad,) = torch.autograd.grad(density.log_prob(x).sum(), x)
     with torch.no_grad():
-        score = process.score(oracle, x, at)
+        score = oracle(x, at).score
     assert torch.allclose(score, grad, rtol=1e-10)
+    if name == "ncsn":  # level t is the paper's σ_{L-t}: the labels are the VE-SDE's of σ
+        assert torch.allclose(process.marginal(at)[1], process.sigmas.flip(0)[[0, 3, 6, 9]])
 
 
 @pytest.mark.parametrize("name", SDES)
 @pytest.mark.parametrize("weighting", ["sde", "likelihood"])
 def test_denoising_score_matching_loss_of_the_exact_predictor_is_its_closed_form(name, weighting):
     """E‖ε* - z‖² per dimension = Var(z | x_t) = m² s² / (m² s² + σ²) (times g²/σ²)."""
-    sde = type(SDES[name])(weighting=weighting)
+    sde = SDES[name]
     x0 = MEAN + STD * torch.randn(20_000, 1, 2, 2, dtype=torch.float64)
     t = torch.full((x0.shape[0],), 0.4, dtype=torch.float64)
-    loss = sde.loss(GaussianEpsOracle(sde, MEAN, STD), x0, t).mean()
+    objective = Objective(sde, "eps", Likelihood() if weighting == "likelihood" else Simple())
+    loss = objective(GaussianOracle(sde, MEAN, STD), x0, t).mean()
     m, sigma = sde.marginal(t[:1])
     expected = m**2 * STD**2 / (m**2 * STD**2 + sigma**2)
     if weighting == "likelihood":
@@ -139,6 +150,8 @@ def test_stochastic_samplers_are_reproducible_from_a_seed_and_the_ode_needs_none
 def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="predictor must be"):
         S.predictor_corrector(None, torch.zeros(1, 1, 2, 2), SDES["vp"], predictor="heun")
+    with pytest.raises(ValueError, match="t_min must be in"):
+        VPSDE(t_min=0.0)
     with pytest.raises(ValueError, match="beta_min"):
         VPSDE(beta_min=30.0, beta_max=20.0)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
@@ -162,8 +175,8 @@ def test_probability_flow_log_likelihood_of_gaussian_data_is_the_analytic_log_de
     (with a mean μ, VP's m(1) μ = 0.003 offset alone costs ~0.01 nats)."""
     sde = SDES[name]
     x = STD * torch.randn(16, 1, 2, 2, dtype=torch.float64)
-    log_p, nfe = ode_log_likelihood(GaussianEpsOracle(sde, 0.0, STD), x, sde)
-    m, sigma = sde.marginal(torch.tensor([sde.eps], dtype=torch.float64))
+    log_p, nfe = ode_log_likelihood(GaussianEpsOracle(sde, 0.0, STD), x)
+    m, sigma = sde.marginal(torch.tensor([sde.t_min], dtype=torch.float64))
     exact = torch.distributions.Normal(0.0, (m**2 * STD**2 + sigma**2).sqrt())
     expected = exact.log_prob(x).flatten(1).sum(1)
     assert torch.allclose(log_p, expected, atol=2e-3), (log_p - expected).abs().max()
@@ -176,8 +189,8 @@ def test_bits_per_dim_of_the_right_gaussian_beats_a_wrong_one():
     g = torch.Generator().manual_seed(0)
     pixels = ((MEAN + STD * torch.randn(32, 1, 2, 2, generator=g) + 1) * 127.5).round()
     pixels = pixels.clamp(0, 255).to(torch.uint8)
-    right, _ = ode_bits_per_dim(GaussianEpsOracle(sde, MEAN, STD), sde, pixels, g)
-    wrong, _ = ode_bits_per_dim(GaussianEpsOracle(sde, -MEAN, STD), sde, pixels, g)
+    right, _ = ode_bits_per_dim(GaussianEpsOracle(sde, MEAN, STD), pixels, g)
+    wrong, _ = ode_bits_per_dim(GaussianEpsOracle(sde, -MEAN, STD), pixels, g)
     # the entropy of N(μ, s²) per dim, in bits, plus the bin offset log2(127.5)
     entropy = 0.5 * math.log2(2 * math.pi * math.e * STD**2) + math.log2(127.5)
     assert float(right.mean()) == pytest.approx(entropy, abs=0.35)

@@ -1,18 +1,19 @@
-"""Timestep discretisations (diffusion.spacing)."""
+"""Spacings of the chain samplers (diffusion.samplers.spacing)."""
 
 import pytest
 import torch
 
-from diffusion import schedules
-from diffusion.spacing import SPACINGS, timesteps
+from diffusion.processes import schedules
+from diffusion.samplers.spacing import SPACINGS, timesteps
 
 ALPHA_BAR = torch.cumprod(1 - schedules.linear(1000), 0)
+LOG_SNR = 0.5 * (ALPHA_BAR.log() - (-ALPHA_BAR).log1p())  # λ = log(m / σ) at each index
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("steps", [1, 2, 10, 20, 50, 100, 999, 1000])
 def test_distinct_decreasing_indices_within_range(spacing, steps):
-    ts = timesteps(1000, steps, spacing, ALPHA_BAR)
+    ts = timesteps(1000, steps, spacing, LOG_SNR)
     assert len(ts) == steps == len(set(ts))
     assert ts == sorted(ts, reverse=True)
     assert 0 <= ts[-1] and ts[0] <= 999
@@ -22,15 +23,14 @@ def test_the_ends_of_each_spacing():
     assert timesteps(1000, 10, "uniform") == list(range(900, -1, -100))
     assert timesteps(1000, 10, "trailing") == list(range(999, 0, -100))
     assert timesteps(1000, 10, "quadratic")[0] == 800 and timesteps(1000, 10, "quadratic")[-1] == 0
-    ts = timesteps(1000, 10, "logsnr", ALPHA_BAR)
+    ts = timesteps(1000, 10, "logsnr", LOG_SNR)
     assert ts[0] == 999 and ts[-1] == 0
     assert timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
 
 
 def test_logsnr_spacing_is_uniform_in_log_snr():
-    ts = timesteps(1000, 20, "logsnr", ALPHA_BAR)
-    lam = 0.5 * (ALPHA_BAR.log() - (-ALPHA_BAR).log1p())
-    gaps = torch.diff(lam[ts])
+    ts = timesteps(1000, 20, "logsnr", LOG_SNR)
+    gaps = torch.diff(LOG_SNR[ts])
     # away from t = 0, where one index spans more than a gap, the gaps are equal within rounding
     assert torch.allclose(gaps[:-3], gaps[:-3].mean().expand_as(gaps[:-3]), rtol=0.15)
 
@@ -41,4 +41,4 @@ def test_logsnr_spacing_is_uniform_in_log_snr():
 )
 def test_bad_arguments(steps, spacing, match):
     with pytest.raises(ValueError, match=match):
-        timesteps(1000, steps, spacing, ALPHA_BAR)
+        timesteps(1000, steps, spacing, LOG_SNR)

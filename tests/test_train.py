@@ -12,11 +12,11 @@ import torch
 import yaml
 from PIL import Image
 
-from diffusion import schedules
-from diffusion.data import TorchvisionDataModule
 from diffusion.errors import DataError
-from diffusion.module import DiffusionModule
+from diffusion.processes import schedules
 from diffusion.train import train
+from diffusion.training.data import TorchvisionDataModule
+from diffusion.training.module import DiffusionModule
 
 from conftest import compose_train, run_cli
 from datafiles import write_cifar10, write_image_folder, write_mnist
@@ -154,7 +154,7 @@ def test_cli_multirun_over_two_schedules_named_in_wandb_and_reported(tiny, tmp_p
     for run in runs:
         assert (run / "checkpoints" / "last.ckpt").is_file()
         schedules_used.append(
-            (run / "config.yaml").read_text().split("diffusion.schedules.")[1].split()[0]
+            (run / "config.yaml").read_text().split("diffusion.processes.schedules.")[1].split()[0]
         )
     assert schedules_used == ["linear", "cosine"]
     # one W&B group for the sweep, one run per point named by its overrides

@@ -1,4 +1,4 @@
-"""The ε-prediction U-Net of DDPM (Ho et al. 2020, Appendix B), in PyTorch.
+"""The U-Net of DDPM (Ho et al. 2020, Appendix B), in PyTorch.
 
 A PixelCNN++-style U-Net: residual blocks (GroupNorm, SiLU, dropout) conditioned on a
 sinusoidal time embedding through an MLP, self-attention at chosen levels, strided-conv
@@ -156,7 +156,8 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t): (B, C, H, W), (B,) -> (B, C, H, W).
+    """net(x_t, t): (B, C, H, W), (B,) -> (B, C_out, H, W): DDPM's ε_θ, or any prediction target
+    (C_out = 2C with a learned variance; diffusion.processes.prediction).
 
     Args:
         image_size: side of the (square) input; must be divisible by 2^(len(channel_mult) - 1).
@@ -168,6 +169,7 @@ class UNet(nn.Module):
         dropout: dropout rate inside residual blocks.
         num_heads: attention heads.
         norm_groups: GroupNorm groups (gcd with the channel count is used).
+        out_channels: output channels (default ``in_channels``).
     """
 
     def __init__(
@@ -181,6 +183,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         num_heads: int = 1,
         norm_groups: int = 32,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         check_image_size(image_size, len(channel_mult))
@@ -244,8 +247,9 @@ class UNet(nn.Module):
             self.up.append(_Level(blocks, attns))
             self.upsample.append(Upsample(ch) if level > 0 else nn.Identity())
 
+        out_channels = in_channels if out_channels is None else out_channels
         self.out = nn.Sequential(
-            _norm(ch, norm_groups), nn.SiLU(), _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+            _norm(ch, norm_groups), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

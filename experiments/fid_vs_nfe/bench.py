@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from diffusion import metrics as M
 from diffusion.checkpoints import load_module
-from diffusion.data import TorchvisionDataModule
-from diffusion.sample import draw, to_uint8
+from diffusion.evaluation import metrics as M
+from diffusion.evaluation.draw import draw, to_uint8
+from diffusion.training.data import TorchvisionDataModule
 
 HERE = Path(__file__).parent
 BATCH = 50  # faster per image than 250 on this CPU (cache-sized activations)
@@ -35,18 +35,18 @@ ROWS = (
 )
 SAMPLERS = {
     "ddim": {
-        "_target_": "diffusion.samplers.ddim",
+        "_target_": "diffusion.samplers.chain.ddim",
         "_partial_": True,
         "eta": 0.0,
         "spacing": "uniform",
     },
     "dpm_solver": {
-        "_target_": "diffusion.samplers.dpm_solver",
+        "_target_": "diffusion.samplers.chain.dpm_solver",
         "_partial_": True,
         "spacing": "logsnr",
     },
     "ddpm": {
-        "_target_": "diffusion.samplers.ddpm_ancestral",
+        "_target_": "diffusion.samplers.chain.ddpm_ancestral",
         "_partial_": True,
         "variance": "beta",
         "clip_x0": True,

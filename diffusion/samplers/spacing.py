@@ -1,15 +1,16 @@
-"""Timestep discretisations for fast samplers: which code indices t ∈ {0, …, T-1} to visit.
+"""Spacings for fast samplers: which of a process's T chain indices k ∈ {0, …, T-1} to visit
+(DDPM's code indices; an SDE's evenly spaced chain times, diffusion.processes.kernel).
 
-Each function returns ``steps`` distinct code indices in *decreasing* order (the order a sampler
+:func:`timesteps` returns ``steps`` distinct indices in *decreasing* order (the order a sampler
 visits them); the sampler then jumps from the last one to the data. Kept apart from the solvers
-(as k-diffusion does), so any sampler runs on any spacing:
+(as k-diffusion does), so any chain sampler runs on any spacing:
 
 - ``uniform``: DDIM's "uniform" (Song et al. 2021, App. C.2), t_i = ⌊i·T/S⌋ for i < S, so the
   first visited index is T - T/S, not T - 1 ("leading" spacing in diffusers).
 - ``trailing``: t_i = round(T - i·T/S) - 1, which starts at T - 1 (Lin et al. 2024, Table 2).
 - ``quadratic``: DDIM's "quadratic", t_i = ⌊(i·√(0.8 T)/(S-1))²⌋, dense near the data.
-- ``logsnr``: uniform in log-SNR λ_t = log(√ᾱ_t / √(1-ᾱ_t)) between λ_{T-1} and λ_0 (DPM-Solver's
-  ``logSNR`` skip type), rounded to the nearest index and made strictly increasing.
+- ``logsnr``: uniform in λ = log(m / σ) (log(√ᾱ_t / √(1-ᾱ_t)) for DDPM) between λ_{T-1} and λ_0
+  (DPM-Solver's ``logSNR`` skip type), rounded to the nearest index and made strictly increasing.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
 
 
 def timesteps(
-    T: int, steps: int, spacing: str = "uniform", alpha_bar: torch.Tensor | None = None
+    T: int, steps: int, spacing: str = "uniform", log_snr: torch.Tensor | None = None
 ) -> list[int]:
-    """``steps`` code indices in decreasing order; ``alpha_bar`` is needed for ``logsnr``."""
+    """``steps`` chain indices in decreasing order; ``logsnr`` needs ``log_snr``, λ at each of
+    the T indices (decreasing)."""
     if not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in [1, T={T}], got {steps!r}")
     if spacing == "uniform":
@@ -35,9 +37,9 @@ def timesteps(
         top = math.sqrt(0.8 * T)
         ts = [int((i * top / max(steps - 1, 1)) ** 2) for i in range(steps)]
     elif spacing == "logsnr":
-        if alpha_bar is None:
-            raise ValueError("spacing 'logsnr' needs alpha_bar")
-        lam = 0.5 * (torch.log(alpha_bar.double()) - torch.log1p(-alpha_bar.double()))  # decreasing
+        if log_snr is None:
+            raise ValueError("spacing 'logsnr' needs the chain's log_snr")
+        lam = log_snr.double()  # decreasing
         targets = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=torch.float64)
         ts = [int(torch.argmin((lam - x).abs())) for x in targets]
     else:

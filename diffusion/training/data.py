@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, random_split
 
-from diffusion.determinism import ResumableSampler, mix
 from diffusion.errors import ConfigError, DataError
+from diffusion.training.determinism import ResumableSampler, mix
 
 log = logging.getLogger(__name__)
 # Our training loader does resume mid-epoch (its position is in the data module's state_dict),

@@ -1,12 +1,17 @@
-"""The LightningModule: an ε-prediction network trained with L_simple on a Gaussian diffusion.
+"""The LightningModule: the system that ties a network, a process, a prediction target, a loss
+weighting and a sampler together.
 
-It ties together, from plain config dicts (so ``DiffusionModule.load_from_checkpoint(path)``
-rebuilds a working model without the Hydra run that made it):
+It is built from plain config dicts (so ``DiffusionModule.load_from_checkpoint(path)`` rebuilds
+a working model without the Hydra run that made it; configs of earlier versions are made current
+by diffusion.compat):
   - ``net``: the network, a Hydra ``_target_`` node (see diffusion.nn);
-  - ``schedule``: a β schedule, a ``_partial_`` node called with ``T`` (see diffusion.schedules);
+  - ``process``: the family (diffusion.processes), or DDPM's of ``schedule`` and ``T``;
+  - ``prediction``, ``loss_weight``, ``learn_sigma``: the objective (diffusion.training.objective);
   - ``sampler``: a ``_partial_`` sampler node (see diffusion.samplers);
   - ``optimizer``: a ``_partial_`` optimizer node completed with the network's parameters.
 The EMA copy of the network is used for validation and sampling, and is in the checkpoint.
+One training step: x_0 → objective (process → network → target, weighting) → loss. One sample:
+x_T → sampler, calling the network through the Predictor (ε̂, x̂_0, score) → x_0.
 """
 
 from __future__ import annotations
@@ -17,24 +22,30 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.determinism import mix, seeded
-from diffusion.ema import EMA
+from diffusion.compat import upgrade
 from diffusion.errors import NonFiniteLossError
-from diffusion.families import as_ddpm, as_vp_sde, check_sampler
-from diffusion.process import GaussianDiffusion
-from diffusion.samplers import Callback
-from diffusion.sde import VPSDE
+from diffusion.processes.ddpm import GaussianDiffusion
+from diffusion.processes.prediction import Predictor, check_target
+from diffusion.samplers import Callback, check_sampler, name_of
+from diffusion.training.determinism import mix, seeded
+from diffusion.training.ema import EMA
+from diffusion.training.objective import Objective, check_fits
+from diffusion.training.time_sampling import LossAwareTimes
+from diffusion.training.weighting import Likelihood, LossWeight, Simple, load_loss_weight
 
 
 def _plain(cfg: Mapping | DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    """A config as plain dicts, with the ``_target_`` paths of earlier versions made current."""
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return upgrade(cfg)
 
 
 class DiffusionModule(LightningModule):
-    """Diffusion training system (DDPM's Algorithm 1, or denoising score matching for the
-    score families) with EMA, warm-up and sampling.
+    """Diffusion training system (diffusion.training.objective: DDPM's Algorithm 1, denoising
+    score matching for the score families) with EMA, warm-up and sampling.
 
     Args:
         net: config of the ε-network ``net(x_t, t)``.
@@ -53,15 +64,24 @@ class DiffusionModule(LightningModule):
         nonfinite_loss: on a NaN/Inf loss, ``error`` stops the run naming the step (the last
             checkpoint stays as it was); ``skip`` drops that batch (no optimizer step), up to
             ``max_skipped_steps`` in a row. Checking costs one device sync per step.
-        process: the family, a ``_target_`` node (``conf/process/``): DDPM's discrete process
-            (``diffusion.process.ddpm`` of ``schedule`` and ``T``; also what None means), a
-            score SDE or NCSN (diffusion.sde). The sampler must suit it (:data:`SAMPLERS_OF`).
+        process: the family, a ``_target_`` node (``conf/process/``): DDPM's process
+            (``diffusion.processes.ddpm.ddpm`` of ``schedule`` and ``T``; also what None
+            means), a score SDE or NCSN. The sampler must suit it (what it ``needs``, the
+            process ``offers``: diffusion.samplers).
         seed: the randomness of training batch b (t, ε, dropout) is seeded by (seed, b, rank),
             so a resumed run continues bitwise (see diffusion.determinism).
         channels_last: keep the network's weights and activations in channels_last (NHWC)
             memory, which the convolutions run faster in (experiments/performance).
         compile: train through ``torch.compile`` of the network (validation, sampling and the
             checkpoint use the plain network; the first steps pay the compilation).
+        prediction: the network's target, ``eps``, ``x0`` or ``v`` (diffusion.processes.prediction).
+        loss_weight: the weighting, a name (``simple``, ``min_snr``, ``p2``, ``vlb``,
+            ``likelihood``: conf/loss_weight/) or a ``_target_`` node; None is ``simple``.
+        learn_sigma: the network also outputs its variance's interpolation v (twice the
+            channels), trained with L_hybrid (Nichol & Dhariwal 2021); needs DDPM's bound.
+        vlb_weight: λ of L_hybrid = L_simple + λ L_vlb.
+        t_sampling: ``uniform``, or ``loss_aware`` importance sampling of t by the loss's second
+            moment (Nichol & Dhariwal 2021, Sec. 3.3; for L_vlb; diffusion.training.time_sampling).
     """
 
     def __init__(
@@ -83,6 +103,11 @@ class DiffusionModule(LightningModule):
         process: Mapping | None = None,
         channels_last: bool = True,
         compile: bool = False,
+        prediction: str = "eps",
+        loss_weight: Mapping | str | None = None,
+        learn_sigma: bool = False,
+        vlb_weight: float = 0.001,
+        t_sampling: str = "uniform",
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -92,35 +117,71 @@ class DiffusionModule(LightningModule):
             _plain(sampler)
             if sampler is not None
             else {
-                "_target_": "diffusion.samplers.ddpm_ancestral",
+                "_target_": "diffusion.samplers.chain.ddpm_ancestral",
                 "_partial_": True,
             }
         )
+        if isinstance(loss_weight, Mapping | DictConfig):
+            loss_weight = _plain(loss_weight)
         image_shape = list(image_shape)
         self.save_hyperparameters()
+        check_target(prediction)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = instantiate(net).to(memory_format=self.memory_format)
+        # a learned variance doubles the output channels (Nichol & Dhariwal 2021)
+        extra = {"out_channels": 2 * image_shape[0]} if learn_sigma else {}
+        self.net = instantiate(net, **extra).to(memory_format=self.memory_format)
         self.ema = EMA(self.net, ema_decay, ema_warmup)
         # A compiled bound method, not a module: it must not enter the state_dict a second time.
         self._compiled_forward = torch.compile(self.net.forward) if compile else None
         self.process = (
             instantiate(process) if process else GaussianDiffusion(instantiate(schedule)(T))
         )
+        weight = self._loss_weight(loss_weight)
+        check_fits(self.process, weight, learn_sigma, t_sampling)
+        self.time_sampler = LossAwareTimes(self.process.T) if t_sampling == "loss_aware" else None
+        self.objective = Objective(self.process, prediction, weight, learn_sigma, vlb_weight)
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"nonfinite_loss must be 'error' or 'skip', got {nonfinite_loss!r}")
         self.image_shape = tuple(image_shape)
         self._skipped_in_a_row = 0
         self._batches_seen = 0  # training batches so far, the key of each batch's randomness
         self.val_t = self.process.validation_times(val_timesteps)
-        check_sampler(self.process, sampler)
+        self.check_sampler(sampler)
+
+    def _loss_weight(self, config: Mapping | str | None) -> LossWeight:
+        weight = load_loss_weight(config) if config is not None else Simple()
+        if getattr(self.process, "weighting", "sde") == "likelihood" and isinstance(weight, Simple):
+            weight = Likelihood()  # process.weighting=likelihood, the setting before loss_weight=
+        return weight
+
+    def check_sampler(self, sampler: Mapping) -> None:
+        """Refuse a sampler that does not suit the process; say when it ignores a learned
+        variance."""
+        fn = check_sampler(self.process, sampler)
+        if self.hparams.learn_sigma and not fn.uses_learned_variance:
+            rank_zero_info(
+                f"sampler {name_of(sampler['_target_'])} uses the model's mean only: the learned "
+                "variance is not used (sampler=ddpm uses it)"
+            )
+
+    def predictor(self, use_ema: bool = True) -> Predictor:
+        """The network (EMA or raw) seen through the process and its prediction target."""
+        net = self.ema if use_ema else self.net
+        return Predictor(net, self.process, self.hparams.prediction, self.hparams.learn_sigma)
 
     # ----- training -----------------------------------------------------------------------
     def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
         seed = mix(self.hparams.seed, self._batches_seen, self.global_rank)
         self._batches_seen += 1
         x0 = x0.contiguous(memory_format=self.memory_format)
+        net = self._compiled_forward or self.net
         with seeded(seed, self.device):
-            loss = self.process.loss(self._compiled_forward or self.net, x0).mean()
+            if self.time_sampler is None:
+                loss = self.objective(net, x0).mean()
+            else:  # t ~ p_t, each loss weighted by 1 / (T p_t) (diffusion.training.time_sampling)
+                t, weight = self.time_sampler.sample(x0.shape[0], x0.device)
+                losses = self.objective(net, x0, t)
+                loss = (losses * weight).mean()
         if not torch.isfinite(loss):
             step = self.global_step
             give_up = self._skipped_in_a_row >= self.hparams.max_skipped_steps
@@ -134,6 +195,10 @@ class DiffusionModule(LightningModule):
             self.log("train/skipped_steps", float(self._skipped_in_a_row))
             return None  # Lightning skips the optimizer step
         self._skipped_in_a_row = 0
+        if self.time_sampler is not None:  # every rank keeps the same history
+            gathered = self.all_gather(torch.stack([t.to(losses), losses.detach()]))
+            self.time_sampler.update(*gathered.reshape(-1, 2, t.shape[0]).transpose(0, 1)
+                                     .reshape(2, -1))  # fmt: skip
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -157,7 +222,7 @@ class DiffusionModule(LightningModule):
                 .contiguous(memory_format=self.memory_format)
             )
             t = torch.full((x0.shape[0],), step, device=x0.device, dtype=self.val_t.dtype)
-            losses.append(self.process.loss(self.ema, x0, t, eps))
+            losses.append(self.objective(self.ema, x0, t, eps))
         loss = torch.stack(losses).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
@@ -174,8 +239,8 @@ class DiffusionModule(LightningModule):
 
     # ----- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if isinstance(self.process, GaussianDiffusion):
-            checkpoint["beta"] = self.process.beta64.clone()  # the exact float64 schedule used
+        if isinstance(self.process, GaussianDiffusion):  # the exact float64 schedule used
+            checkpoint["beta"] = self.process.beta64.clone()
         checkpoint["batches_seen"] = self._batches_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -206,19 +271,14 @@ class DiffusionModule(LightningModule):
             x_T = torch.randn((n, *self.image_shape), generator=generator)
         x_T = x_T.to(self.device, memory_format=torch.channels_last)
         sampler = _plain(sampler) if sampler is not None else self.hparams.sampler
-        check_sampler(self.process, sampler)
+        self.check_sampler(sampler)
         sample_fn = instantiate(sampler)
-        process = self.process
-        discrete = sampler["_target_"].startswith("diffusion.samplers.")
-        if type(process) is VPSDE and discrete:
-            model, process = as_ddpm(model, process, self.hparams.T)
-        elif isinstance(process, GaussianDiffusion) and not discrete:
-            model, process = as_vp_sde(model, process)
         device_gen = generator
         if generator is not None and self.device.type != "cpu":
             seed = int(torch.randint(2**62, (1,), generator=generator))
             device_gen = torch.Generator(self.device).manual_seed(seed)
-        x0 = sample_fn(model, x_T, process, generator=device_gen, callback=callback)
+        model = self.predictor(use_ema)
+        x0 = sample_fn(model, x_T, self.process, generator=device_gen, callback=callback)
         network = self.ema if use_ema else self.net
         network.train(was_training).to(memory_format=self.memory_format)
         return x0.clamp(-1.0, 1.0)

@@ -9,21 +9,11 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
-from diffusion import plots
-from diffusion.process import GaussianDiffusion
-from diffusion.sde import VPSDE
+from diffusion.evaluation import plots
 
 log = logging.getLogger(__name__)
-
-
-def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """Images in [-1, 1], (N, C, H, W) -> one float grid in [0, 1], (C, H', W')."""
-    nrow = nrow or max(1, int(images.shape[0] ** 0.5))
-    return make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=1, pad_value=1.0).clamp(
-        0, 1
-    )
 
 
 def log_image(trainer: Trainer, key: str, grid: torch.Tensor, step: int) -> None:
@@ -88,7 +78,7 @@ class SampleGrid(Callback):
             images = gathered.transpose(0, 1).reshape(-1, *images.shape[1:])[: self.n]
         if rank != 0:
             return
-        grid = to_grid(images.cpu())
+        grid = plots.to_grid(images.cpu())
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{name}.png"
         save_image(grid, path)
@@ -111,9 +101,9 @@ class SampleGrid(Callback):
 
 
 class SchedulePlot(Callback):
-    """At the start of training, plot the run's β_t, ᾱ_t, √ᾱ_t and log-SNR(t), save
-    ``{dirpath}/schedule.png`` and log it as ``schedule`` to the active loggers. A VP-SDE is
-    shown by its T-step chain; VE-SDE and NCSN (m = 1, no β) have no such plot."""
+    """At the start of training, plot the run's β_t, ᾱ_t, √ᾱ_t and log-SNR(t) over its chain,
+    save ``{dirpath}/schedule.png`` and log it as ``schedule`` to the active loggers. Variance
+    preserving processes only (m² + σ² = 1: DDPM, the VP-SDE's chain); the others have no β."""
 
     def __init__(self, dirpath: str) -> None:
         super().__init__()
@@ -121,15 +111,20 @@ class SchedulePlot(Callback):
 
     @rank_zero_only
     def on_train_start(self, trainer: Trainer, module: LightningModule) -> None:
-        process, T = module.process, module.hparams.T
-        if isinstance(process, GaussianDiffusion):
-            name, beta = module.hparams.schedule["_target_"].rsplit(".", 1)[-1], process.beta64
-        elif isinstance(process, VPSDE):
-            name, beta = f"{type(process).__name__} ({T}-step chain)", process.discrete_beta(T)
-        else:
-            log.info("no β schedule to plot for %s", type(process).__name__)
+        process = module.process
+        if "chain" not in process.offers:
+            log.info("no chain to plot for process=%s", process.family)
             return
-        fig = plots.plot_schedules({name: plots.schedule_curves(beta)}, T)
+        m, sigma = process.marginal(process.chain_times())
+        if not torch.allclose(m**2 + sigma**2, torch.ones_like(m)):
+            log.info("no β schedule to plot for process=%s (not variance preserving)",
+                     process.family)  # fmt: skip
+            return
+        alpha_bar = m**2
+        beta = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        schedule = module.hparams.schedule["_target_"].rsplit(".", 1)[-1]
+        name = schedule if process.family == "ddpm" else f"{process.family} ({process.T} steps)"
+        fig = plots.plot_schedules({name: plots.schedule_curves(beta)}, process.T)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.dirpath / "schedule.png", dpi=plots.DPI)
         log_image(trainer, "schedule", plots.figure_to_tensor(fig), trainer.global_step)
@@ -182,10 +177,9 @@ class FIDCallback(Callback):
         from lightning.pytorch.utilities import rank_zero_warn
 
         from diffusion.errors import UserError
-        from diffusion.families import check_sampler
 
         if self.sampler is not None:  # fail now, not at the first evaluation hours in
-            check_sampler(module.process, self.sampler)
+            module.check_sampler(self.sampler)
 
         try:
             self.extractor = instantiate(self.extractor_cfg)
@@ -202,7 +196,7 @@ class FIDCallback(Callback):
     def _reference(self, trainer: Trainer, module: LightningModule) -> torch.Tensor:
         import json
 
-        from diffusion import metrics
+        from diffusion.evaluation import metrics
 
         if self.reference is None:
             dm = trainer.datamodule
@@ -231,8 +225,8 @@ class FIDCallback(Callback):
         if not due or step == self._done_at:
             return
         self._done_at = step
-        from diffusion import metrics
-        from diffusion.sample import draw, to_uint8
+        from diffusion.evaluation import metrics
+        from diffusion.evaluation.draw import draw, to_uint8
 
         real = self._reference(trainer, module)
         world, rank = trainer.world_size, trainer.global_rank

@@ -6,8 +6,9 @@ Dhariwal 2021, Sec. 2), in nats converted to bits.
     L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_θ(x_{t-1} | x_t))          (code t = 1..T-1)
     L_0     = -log p_θ(x_0 | x_1), a Gaussian discretised to 256 bins   (code t = 0)
 
-Images are in [-1, 1] with 256 levels (bin width 2/255). p_θ's variance is β_t (``"beta"``) or
-β̃_t (``"beta_tilde"``); at code t = 0 both use β̃ at t = 1, as improved-diffusion does.
+Images are in [-1, 1] with 256 levels (bin width 2/255). p_θ's mean is the posterior mean at the
+model's x̂_0, its variance β_t (``"beta"``), β̃_t (``"beta_tilde"``) or the model's learned one;
+at code t = 0 the fixed ones use β̃ at t = 1, as improved-diffusion does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import math
 
 import torch
 
-from diffusion.process import EpsModel, GaussianDiffusion, gather
+from diffusion.processes.ddpm import GaussianDiffusion
+from diffusion.processes.prediction import Predictor
 
 LOG2 = math.log(2.0)
 
@@ -54,53 +56,59 @@ def discretized_gaussian_log_likelihood(
     )
 
 
-def _model_log_var(process: GaussianDiffusion, variance: str) -> torch.Tensor:
-    if variance == "beta_tilde":
-        return process.posterior_log_var_clipped
-    if variance == "beta":
-        return torch.cat([process.posterior_log_var_clipped[:1], torch.log(process.beta[1:])])
-    raise ValueError(f"variance must be 'beta' or 'beta_tilde', got {variance!r}")
-
-
 def _mean_per_image(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
+def vlb_term(
+    process: GaussianDiffusion,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    x0_hat: torch.Tensor,
+    log_var: torch.Tensor,
+) -> torch.Tensor:
+    """L_t of the bound in bits per dimension, shape (B,): the KL between the posterior and
+    p_θ(x_{t-1} | x_t) = N(μ̃_t(x_t, x̂_0), e^log_var) for code t ≥ 1, the decoder NLL at t = 0."""
+    mean, _ = process.q_posterior(x0_hat, x_t, t)
+    true_mean, _ = process.q_posterior(x0, x_t, t)
+    true_log_var = process.model_log_var(t, x_t, "beta_tilde")
+    kl = _mean_per_image(normal_kl(true_mean, true_log_var, mean, log_var))
+    decoder = -_mean_per_image(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
+    return torch.where(t == 0, decoder, kl) / LOG2
+
+
 @torch.no_grad()
 def bits_per_dim(
-    model: EpsModel,
-    process: GaussianDiffusion,
+    model: Predictor,
     x0: torch.Tensor,
     variance: str = "beta_tilde",
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """The bound's terms for images ``x0`` (B, ...) in [-1, 1], in bits per dimension, shape (B,).
 
-    Returns ``total``, ``prior`` (L_T), ``vb`` (Σ L_{t-1}, t ≥ 2) and ``decoder`` (L_0). One network
-    evaluation per step: T per image. ``generator`` fixes the x_t ~ q(x_t | x_0) draws.
+    ``model`` predicts on DDPM's process (``model.process``); a learned variance is used when the
+    model has one, else ``variance``. Returns ``total``, ``prior`` (L_T), ``vb`` (Σ L_{t-1},
+    t ≥ 2) and ``decoder`` (L_0). One network evaluation per step: T per image. ``generator``
+    fixes the x_t ~ q(x_t | x_0) draws.
     """
+    process: GaussianDiffusion = model.process
     batch = x0.shape[0]
-    log_var = _model_log_var(process, variance)
     t_last = torch.full((batch,), process.T - 1, device=x0.device, dtype=torch.long)
     mean_T, var_T = process.q_mean_var(x0, t_last)
-    prior = (
-        _mean_per_image(normal_kl(mean_T, var_T.log(), torch.zeros_like(x0), torch.zeros_like(x0)))
-        / LOG2
-    )
+    zeros = torch.zeros_like(x0)
+    prior = _mean_per_image(normal_kl(mean_T, var_T.log(), zeros, zeros)) / LOG2
     vb = torch.zeros(batch, device=x0.device, dtype=x0.dtype)
     decoder = torch.zeros_like(vb)
     for step in range(process.T):
         t = torch.full((batch,), step, device=x0.device, dtype=torch.long)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         x_t = process.q_sample(x0, t, eps)
-        out = process.p_mean_var(model, x_t, t, variance="beta_tilde", clip_x0=False)
-        model_log_var = gather(log_var, t, x_t)
+        pred = model(x_t, t)
+        log_var = process.model_log_var(t, x_t, variance, frac=pred.var_frac)
+        term = vlb_term(process, x0, x_t, t, pred.x0_hat, log_var)
         if step == 0:
-            ll = discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * model_log_var)
-            decoder = -_mean_per_image(ll) / LOG2
+            decoder = term
         else:
-            true_mean, _ = process.q_posterior(x0, x_t, t)
-            true_log_var = gather(process.posterior_log_var_clipped, t, x_t)
-            kl = normal_kl(true_mean, true_log_var, out["mean"], model_log_var)
-            vb = vb + _mean_per_image(kl) / LOG2
+            vb = vb + term
     return {"total": prior + vb + decoder, "prior": prior, "vb": vb, "decoder": decoder}

@@ -6,7 +6,7 @@ Pure functions from tensors to matplotlib Figures / image tensors; the entry poi
 interpolation, so a 16×16 or 28×28 digit stays sharp at any display size.
 
 Steps in strips are the paper's t ∈ {0, …, T}: t = 0 is the data x_0 and t ≥ 1 is code index
-t - 1 (see diffusion.process).
+t - 1 (see diffusion.processes.ddpm).
 """
 
 from __future__ import annotations
@@ -16,11 +16,19 @@ from collections.abc import Sequence
 
 import torch
 from matplotlib.figure import Figure
+from torchvision.utils import make_grid
 
-from diffusion.process import GaussianDiffusion
+from diffusion.processes.ddpm import GaussianDiffusion
 
 CELL_INCHES = 0.9  # side of one image in a strip, at DPI pixels per inch
 DPI = 100
+
+
+def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1], (N, C, H, W) -> one float grid in [0, 1], (C, H', W')."""
+    nrow = nrow or max(1, int(images.shape[0] ** 0.5))
+    grid = make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    return grid.clamp(0, 1)
 
 
 def schedule_curves(beta: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,58 @@
+"""Drawing many samples from a model in batches, for the sampling entry point, the evaluation
+and the FID callback."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from diffusion.evaluation.plots import TrajectoryRecorder
+from diffusion.samplers.base import Step
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats (N, C, H, W) -> uint8 [0, 255], same layout."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class NFECounter:
+    """Sampler callback: counts network evaluations and advances a progress bar."""
+
+    def __init__(self, bar: tqdm | None = None, then=None) -> None:
+        self.nfe = 0
+        self.bar = bar
+        self.then = then
+
+    def __call__(self, step: Step) -> None:
+        self.nfe = step.nfe
+        if self.bar is not None:
+            self.bar.set_postfix(nfe=step.nfe, refresh=False)
+        if self.then is not None:
+            self.then(step)
+
+
+def draw(
+    module,
+    n: int,
+    batch_size: int,
+    seed: int,
+    sampler,
+    use_ema: bool = True,
+    strip: TrajectoryRecorder | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """``n`` samples in [-1, 1] on the CPU from a DiffusionModule, in batches, from one seed;
+    returns them and the NFE per sample. ``strip`` records the trajectory of the first batch."""
+    generator = torch.Generator().manual_seed(seed)
+    batches, nfe = [], 0
+    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    bar = tqdm(sizes, desc="sampling", unit="batch", disable=not progress)
+    for i, size in enumerate(bar):
+        counter = NFECounter(bar, then=strip if i == 0 else None)
+        batches.append(
+            module.sample(
+                size, generator=generator, use_ema=use_ema, callback=counter, sampler=sampler
+            ).cpu()
+        )
+        nfe = counter.nfe
+    return torch.cat(batches), nfe
