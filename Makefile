@@ -19,7 +19,7 @@ quickstart:  ## the offline quickstart: train on scikit-learn's digits, write a 
 	$(PYTHON) -m diffusion.train
 
 bench:  ## speed against diffusers and lucidrains (pip install -e '.[bench]'; ~15 min on 2 CPU cores)
-	$(PYTHON) experiments/performance/bench.py --profile quick
+	$(PYTHON) -m experiments.performance.bench --profile quick
 
 clean:  ## remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache

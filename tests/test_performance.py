@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.module import DiffusionModule
 from diffusion.nn import UNet
 from diffusion.nn.unet import AttentionBlock
+from diffusion.training.module import DiffusionModule
 
 from conftest import compose_train
 
@@ -54,8 +54,7 @@ def test_in_place_blocks_compute_what_out_of_place_ones_did():
     (kept in the benchmark as its "before"): same output, same gradients, same dropout."""
     import copy
 
-    sys.path.insert(0, str(ROOT / "experiments/performance"))
-    from bench import earlier_blocks
+    from experiments.performance.bench.variants import earlier_blocks
 
     torch.manual_seed(0)
     net = UNet(16, 1, width=8, channel_mult=(1, 2), norm_groups=4, dropout=0.3).train()
@@ -111,9 +110,9 @@ def test_compiled_training_matches_eager_and_saves_one_copy(tiny):
 
 def test_benchmark_smoke_profile_runs_every_section(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments/performance/bench.py"), "--profile", "smoke",
+        [sys.executable, "-m", "experiments.performance.bench", "--profile", "smoke",
          "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -122,11 +121,15 @@ def test_benchmark_smoke_profile_runs_every_section(tmp_path):
     for row in results["training"]:
         assert row["images_per_s"] > 0 and row["gflop_per_step"] > 0 and row["peak_mb"] > 0
         assert row["steps_timed"] == 2
-    assert {r["variant"] for r in results["variants"]} >= {"default", "EMA Python loop"}
+    variants = {r["variant"] for r in results["variants"]}
+    assert variants >= {"default", "EMA Python loop", "loss through diffusion's Objective"}
     nfe = {(r["sampler"], r["target_nfe"]): r["nfe"] for r in results["sampling"]}
     assert nfe[("ddim", 2)] == nfe[("dpm_solver", 2)] == nfe[("ddpm", 2)] == 2
     assert nfe[("annealed_langevin", 2)] == 11  # 10 noise levels x 1 step + the final denoise
     assert "| ours | Trainer.fit |" in (tmp_path / "results.md").read_text()
+    design = {r["sampler"]: r for r in results["sampling"] if "vs_previous_design" in r}
+    assert set(design) == {"ddim", "ddpm"}
+    assert all(r["vs_previous_design"] > 0 for r in design.values())
     if sys.platform.startswith("linux"):  # glibc keeps freed memory: on, and off for comparison
         assert results["machine"]["keep_freed_memory"] is True
         assert {r["keep"] for r in results["allocator"]} == {True, False}
