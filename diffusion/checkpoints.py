@@ -1,8 +1,17 @@
-"""Checkpoints: written atomically, loaded with clear errors instead of pickle tracebacks."""
+"""Checkpoints: written atomically, loaded with clear errors instead of pickle tracebacks, and
+never able to run code.
+
+A checkpoint is a pickle, and unpickling can call any function the file names. Every load here
+(sampling, evaluation, resuming through Lightning) is ``torch.load(weights_only=True)``: tensors
+and plain containers only, which is all our checkpoints hold (configs are stored as plain dicts).
+A file that names anything else is refused; ``trust_checkpoint=true`` loads it anyway, for files
+whose author the user trusts.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,36 +19,75 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion.compat import upgrade, with_defaults
+from diffusion.config import NODE, OPTIONAL_NODE, Field
 from diffusion.errors import UserError
+from diffusion.processes.prediction import TARGETS
 from diffusion.training.module import DiffusionModule
+
+TRUST_HINT = "if you trust its author, add trust_checkpoint=true"
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:1``, …"""
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:1``, …; a UserError naming
+    ``device`` if this machine does not have it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device={name!r} is invalid: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise UserError(
+                f"device={name!r} is invalid: this machine has {count} CUDA GPU(s); use "
+                "device=cpu or device=auto"
+            )
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"device={name!r} is invalid: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _unreadable(path: Path, err: BaseException) -> UserError:
+    """The one-line error for a checkpoint that ``torch.load`` refused or could not parse."""
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
+        return UserError(
+            f"checkpoint {str(path)!r} holds more than tensors and plain containers, and loading "
+            f"it could run code, so it is refused; {TRUST_HINT}"
+        )
+    return UserError(
+        f"cannot read checkpoint {str(path)!r}: it is truncated, corrupt or not a checkpoint "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    )
 
 
 def load_module(
-    path: str | Path, device: torch.device | str = "cpu", prediction: str | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    prediction: str | None = None,
+    trust: bool = False,
 ) -> DiffusionModule:
     """The :class:`~diffusion.training.module.DiffusionModule` at ``path``, in eval mode on
-    ``device``. ``prediction``, if given, must be the target the checkpoint was trained for: a
-    network trained to predict one target cannot be read as another."""
-
+    ``device``, loaded without running code from the file unless ``trust``. ``prediction``, if
+    given, must be the target the checkpoint was trained for: a network trained to predict one
+    target cannot be read as another."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    check_readable(path, trust)
     try:
-        module = DiffusionModule.load_from_checkpoint(path, map_location=torch.device(device))
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-        raise UserError(
-            f"cannot load checkpoint {str(path)!r}: it is truncated, corrupt or not a checkpoint "
-            f"of diffusion.train ({type(err).__name__}: {str(err)[:200]})"
-        ) from None
+        module = DiffusionModule.load_from_checkpoint(
+            path, map_location=torch.device(device), weights_only=not trust
+        )
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        raise _unreadable(path, err) from None
     trained = module.hparams.get("prediction", "eps")
     if prediction is not None and prediction != trained:
         raise UserError(
@@ -50,14 +98,41 @@ def load_module(
     return module.eval()
 
 
+CHECKPOINT_FIELDS = {
+    "ckpt": Field("file"), "use_ema": Field("bool"), "trust_checkpoint": Field("bool"),
+    "prediction": Field("choice", choices=TARGETS, nullable=True), "device": Field("device"),
+    "keep_freed_memory": Field("bool"), "seed": Field("int", 0), "out_dir": Field("dir"),
+    "sampler": OPTIONAL_NODE, "paths": NODE,
+}  # fmt: skip
+"""The keys of the entry points that read a checkpoint: which, how to read and run it."""
+
+def load_checkpoint(cfg: DictConfig, device: torch.device) -> DiffusionModule:
+    """The checkpoint's module, checked against ``prediction``, with ``sampler`` validated."""
+    module = load_module(
+        cfg.ckpt, device, cfg.get("prediction"), bool(cfg.get("trust_checkpoint"))
+    )
+    if cfg.get("sampler"):
+        module.validate_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
+    return module
+
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that never leaves a half-written checkpoint behind.
 
     The checkpoint is written to a temporary file in the same folder, flushed and fsync'ed,
     then renamed over the target (``os.replace`` is atomic on POSIX and Windows), and the
     folder is fsync'ed so the rename itself survives a power cut. A ``kill -9`` at any moment
-    leaves either the previous file or the new one, never a truncated one.
+    leaves either the previous file or the new one, never a truncated one. Checkpoints are read
+    with ``weights_only=True`` (module docstring) unless ``trust_checkpoint``.
     """
+
+    def __init__(self, trust_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.trust_checkpoint = trust_checkpoint
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location, weights_only=not self.trust_checkpoint)
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
@@ -65,6 +140,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # as any file the user writes, not mkstemp's 0600
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -82,19 +158,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(dir_fd)
 
 
-def check_readable(path: str | Path) -> dict:
-    """The checkpoint at ``path`` (memory-mapped); a UserError naming ``path`` if it is missing
-    or not a readable checkpoint."""
+def check_readable(path: str | Path, trust: bool = False) -> dict:
+    """The checkpoint at ``path`` (memory-mapped, loaded without running code unless ``trust``);
+    a UserError naming ``path`` if it is missing or not a readable checkpoint."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
     except Exception as err:
-        raise UserError(
-            f"cannot read checkpoint {str(path)!r}: it is truncated or corrupt "
-            f"({type(err).__name__}: {str(err)[:160]}); resume from another checkpoint"
-        ) from None
+        raise _unreadable(path, err) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{str(path)!r} is not a Lightning checkpoint of diffusion.train")
     return ckpt
@@ -122,10 +195,10 @@ def _differences(saved: Any, current: Any, name: str) -> list[str]:
     return [] if saved == current else [f"{name}: checkpoint {saved!r}, config {current!r}"]
 
 
-def check_resumable(path: str | Path, module_cfg: Mapping) -> None:
+def check_resumable(path: str | Path, module_cfg: Mapping, trust: bool = False) -> None:
     """Raise a UserError if the checkpoint at ``path`` was trained with another network,
     schedule, T or image shape than the module config ``module_cfg`` (a plain dict)."""
-    saved = with_defaults(upgrade(dict(check_readable(path).get("hyper_parameters") or {})))
+    saved = with_defaults(upgrade(dict(check_readable(path, trust).get("hyper_parameters") or {})))
     current = with_defaults(upgrade(dict(module_cfg)))
     for hparams in (saved, current):  # checkpoints from before process= meant DDPM's
         process = hparams.get("process")

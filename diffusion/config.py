@@ -14,22 +14,146 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import get_object, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.errors import ConfigError, UserError
 
+
+# ----- the top-level keys of every entry point ----------------------------------------------
+@dataclass(frozen=True)
+class Field:
+    """What one top-level key of an entry point accepts. ``kind``: ``int``, ``float``, ``bool``,
+    ``str``, ``choice`` (one of ``choices``), ``file`` (an existing file), ``dir`` (a folder
+    that exists or can be created), ``device``, ``list`` (of ``choices``, or of ints >=
+    ``minimum``), ``node`` (a config group). ``minimum`` is inclusive."""
+
+    kind: str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    nullable: bool = False
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why the folder ``path`` cannot be created or written, or None if it can."""
+    path = Path(path).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is a file, not a folder"
+    try:  # a real probe: permission bits say nothing to root, nor about read-only mounts
+        tempfile.TemporaryDirectory(dir=probe).cleanup()
+    except OSError as err:
+        return f"nothing can be created in {str(probe)!r} ({err.strerror or err})"
+    return None
+
+
+def _field_error(key: str, value: Any, field: Field) -> str | None:
+    """The reason ``value`` does not fit ``field``, or None."""
+    if value is None:
+        return None if field.nullable else "it must be given"
+    kind = field.kind
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
+        return "it must be an integer" + (f" >= {field.minimum:g}" if field.minimum is not None
+                                          else "")  # fmt: skip
+    if kind == "float" and not number:
+        return "it must be a number" + (f" >= {field.minimum:g}" if field.minimum is not None
+                                        else "")  # fmt: skip
+    if kind in ("int", "float") and field.minimum is not None and value < field.minimum:
+        return f"it must be >= {field.minimum:g}"
+    if kind == "bool" and not isinstance(value, bool):
+        return "it must be true or false"
+    if kind in ("str", "file", "dir", "device") and not isinstance(value, str):
+        return "it must be a string"
+    if kind == "choice" and value not in field.choices:
+        return f"choose one of {list(field.choices)}"
+    if kind == "file" and not Path(value).expanduser().is_file():
+        return "the file does not exist"
+    if kind == "dir":
+        return unwritable(value)
+    if kind == "device":
+        from diffusion.checkpoints import pick_device
+
+        try:
+            pick_device(value)
+        except UserError as err:
+            return str(err).split("is invalid: ", 1)[-1]
+    if kind == "list":
+        if not isinstance(value, ListConfig | list):
+            return "it must be a list, e.g. [a,b]"
+        for item in value:
+            if field.choices and item not in field.choices:
+                return f"its items must be among {list(field.choices)}"
+            integer = isinstance(item, int) and not isinstance(item, bool)
+            if field.minimum is not None and not (integer and item >= field.minimum):
+                return f"its items must be integers >= {field.minimum:g}"
+    if kind == "node" and not isinstance(value, DictConfig):
+        return "it must be a config group (group=option), not a single value"
+    return None
+
+
+def check_fields(cfg: DictConfig, fields: Mapping[str, Field], entry: str) -> None:
+    """Every top-level key of an entry point's config is known and fits its :class:`Field`;
+    a ConfigError naming the key, the value and what is allowed otherwise."""
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    unknown = sorted(set(keys) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} for python -m diffusion.{entry}; allowed: {sorted(fields)}"
+        )
+    nodes_first = sorted(keys, key=lambda k: fields[k].kind != "node")  # others interpolate them
+    for key in nodes_first:
+        try:
+            value = cfg[key]
+        except Exception as err:  # an interpolation that cannot be resolved
+            raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+        reason = _field_error(key, value, fields[key])
+        if reason:
+            shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+            raise ConfigError(f"{key}={shown!r} is invalid: {reason}")
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback: before Hydra creates the run (or sweep) folder, check that it can, so a
+    folder under a read-only or missing root is one line and exit status 2, not a traceback."""
+
+    def _check(self, key: str, path: str) -> None:
+        reason = unwritable(path)
+        if reason:
+            print(f"error: {key}={path!r} cannot be created: {reason}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
-TOP_LEVEL_KEYS = {
-    "data", "model", "schedule", "process", "sampler", "trainer", "callbacks", "logger", "paths",
-    "module", "optimizer", "T", "seed", "ckpt_path", "experiment", "task_name", "tags",
-    "optimize_metric", "keep_freed_memory", "loss_weight",
+NODE, OPTIONAL_NODE = Field("node"), Field("node", nullable=True)
+TRAIN_FIELDS = {
+    **{group: NODE for group in ("data", "model", "schedule", "process", "sampler", "trainer",
+                                 "callbacks", "paths", "module", "optimizer", "loss_weight")},
+    "logger": OPTIONAL_NODE, "experiment": OPTIONAL_NODE, "T": Field("int", 1),
+    "seed": Field("int", 0), "ckpt_path": Field("str", nullable=True),
+    "optimize_metric": Field("choice", choices=("val/loss", "val/fid", "val/kid")),
+    "keep_freed_memory": Field("bool"), "trust_checkpoint": Field("bool"),
+    "task_name": Field("str", nullable=True), "tags": Field("list", nullable=True),
 }  # fmt: skip
+"""The top-level keys of ``python -m diffusion.train``."""
 
 
 def accepted_parameters(target: Any) -> set[str] | None:
@@ -61,12 +185,8 @@ def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:
 
 
 def check_keys(cfg: DictConfig) -> None:
-    """Reject unknown top-level keys and keys a ``_target_`` does not accept."""
-    unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
-    if unknown:
-        raise ConfigError(
-            f"unknown top-level config key(s) {sorted(unknown)}; allowed: {sorted(TOP_LEVEL_KEYS)}"
-        )
+    """Reject unknown or ill-typed top-level keys and keys a ``_target_`` does not accept."""
+    check_fields(cfg, TRAIN_FIELDS, "train")
     for path, node in _target_nodes(cfg, ""):
         try:
             target = get_object(node._target_)
@@ -84,11 +204,6 @@ def check_keys(cfg: DictConfig) -> None:
 
 def check_values(cfg: DictConfig) -> None:
     """Range checks on values Hydra cannot type-check (the constructors check the rest)."""
-    T = cfg.get("T")
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ConfigError(
-            f"T={T!r} is invalid: the number of diffusion steps must be an integer >= 1"
-        )
     lr = cfg.get("optimizer", {}).get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"optimizer.lr={lr!r} is invalid: the learning rate must be > 0")
@@ -113,10 +228,6 @@ def check_values(cfg: DictConfig) -> None:
             "fraction of an epoch (a float in (0, 1])"
         )
     metric = cfg.get("optimize_metric", "val/loss")
-    if metric not in ("val/loss", "val/fid", "val/kid"):
-        raise ConfigError(
-            f"optimize_metric={metric!r} is invalid: use val/loss, val/fid or val/kid"
-        )
     fid = (cfg.get("callbacks") or {}).get("fid") or {}
     if metric != "val/loss" and not fid.get("every_n_steps"):
         raise ConfigError(
@@ -230,7 +341,7 @@ def check_devices(trainer: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """All start-up checks; raises :class:`ConfigError`."""
+    """All start-up checks of ``diffusion.train``; raises :class:`ConfigError`."""
     check_keys(cfg)
     check_values(cfg)
     check_model_fits_data(cfg)

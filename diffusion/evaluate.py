@@ -19,11 +19,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.allocator import keep_freed_memory
-from diffusion.checkpoints import load_module, pick_device
-from diffusion.config import build, build_loggers
+from diffusion.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, pick_device
+from diffusion.config import OPTIONAL_NODE, Field, build, build_loggers, check_fields
 from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.evaluation import metrics as M
 from diffusion.evaluation.draw import draw, to_uint8
@@ -32,6 +32,18 @@ from diffusion.evaluation.ode_likelihood import ode_bits_per_dim
 from diffusion.training.data import to_model_range
 
 METRICS = ("fid", "kid", "is", "bpd")
+FIELDS = {
+    **CHECKPOINT_FIELDS, "metrics": Field("list", choices=METRICS), "n": Field("int", 2),
+    "batch_size": Field("int", 1), "reference_split": Field("choice", choices=("train", "val")),
+    "reference_n": Field("int", 2, nullable=True),
+    "inception_weights": Field("file", nullable=True),
+    "cache_dir": Field("dir"), "kid_subsets": Field("int", 1), "kid_subset_size": Field("int", 2),
+    "bpd_n": Field("int", 1), "bpd_batch_size": Field("int", 1),
+    "bpd_variance": Field("choice", choices=("beta", "beta_tilde"), nullable=True),
+    "data": OPTIONAL_NODE, "logger": OPTIONAL_NODE,
+    "callbacks": OPTIONAL_NODE,  # logger=none sets callbacks.lr_monitor (train's); unused here
+}  # fmt: skip
+"""The top-level keys of ``python -m diffusion.evaluate``."""
 
 
 def data_config(cfg: DictConfig, module) -> DictConfig:
@@ -61,15 +73,15 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
     """
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ConfigError("which checkpoint? give ckpt=outputs/runs/<run>/checkpoints/last.ckpt")
-    unknown = sorted(set(cfg.metrics) - set(METRICS))
-    if unknown:
-        raise ConfigError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    if cfg.reference_split not in ("train", "val"):
-        raise ConfigError(f"reference_split must be 'train' or 'val', got {cfg.reference_split!r}")
+    if isinstance(cfg.get("metrics"), ListConfig):
+        unknown = sorted(set(cfg.metrics) - set(METRICS))
+        if unknown:
+            raise ConfigError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+    check_fields(cfg, FIELDS, "evaluate")
     device = pick_device(cfg.device)
     if cfg.get("keep_freed_memory") and device.type == "cpu":
         keep_freed_memory()  # diffusion/allocator.py
-    module = load_module(cfg.ckpt, device, cfg.get("prediction"))
+    module = load_checkpoint(cfg, device)
     data_cfg = data_config(cfg, module)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

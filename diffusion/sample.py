@@ -22,24 +22,29 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from diffusion.allocator import keep_freed_memory
-from diffusion.checkpoints import load_module, pick_device
+from diffusion.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, pick_device
+from diffusion.config import Field, check_fields
 from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.evaluation import plots
 from diffusion.evaluation.draw import draw, to_uint8
+
+FIELDS = {
+    **CHECKPOINT_FIELDS, "n": Field("int", 1), "batch_size": Field("int", 1),
+    "grid_max": Field("int", 1), "save_images": Field("bool"), "strip_n": Field("int", 0),
+    "strip_steps": Field("int", 1),
+}  # fmt: skip
+"""The top-level keys of ``python -m diffusion.sample``."""
 
 
 def run(cfg: DictConfig) -> dict:
     """Sample as configured; returns the info written to ``info.json``."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ConfigError("which checkpoint? give ckpt=outputs/runs/<run>/checkpoints/last.ckpt")
-    if cfg.n < 1 or cfg.batch_size < 1:
-        raise ConfigError(
-            f"n and batch_size must be >= 1, got n={cfg.n}, batch_size={cfg.batch_size}"
-        )
+    check_fields(cfg, FIELDS, "sample")
     device = pick_device(cfg.device)
     if cfg.get("keep_freed_memory") and device.type == "cpu":
         keep_freed_memory()  # diffusion/allocator.py
-    module = load_module(cfg.ckpt, device, cfg.get("prediction"))
+    module = load_checkpoint(cfg, device)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -51,7 +56,8 @@ def run(cfg: DictConfig) -> dict:
     seconds = time.perf_counter() - start
     pixels = to_uint8(images)
     np.savez(out / "samples.npz", images=pixels.permute(0, 2, 3, 1).numpy())
-    save_image(plots.to_grid(images[: cfg.grid_max]), out / "grid.png")
+    grid = plots.to_grid(images[: cfg.grid_max])
+    save_image(plots.upscale(grid, plots.VIEW_SIDE), out / "grid.png")
     if cfg.save_images:
         (out / "images").mkdir(exist_ok=True)
         for i, img in enumerate(pixels):

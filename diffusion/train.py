@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +41,16 @@ def train(cfg: DictConfig) -> float | None:
     check_config(cfg)
     resume_from = _resume_file(cfg)
     if resume_from is not None:
-        check_resumable(resume_from, OmegaConf.to_container(cfg.module, resolve=True))
+        check_resumable(
+            resume_from,
+            OmegaConf.to_container(cfg.module, resolve=True),
+            bool(cfg.get("trust_checkpoint")),
+        )
     L.seed_everything(cfg.seed, workers=True)
+    datamodule = build(cfg.data, "data")
+    datamodule.check()
+    module = build(cfg.module, "module")
+    module.validate_sampler(module.hparams.sampler)  # now, not at the first grid hours later
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     name_sweep_runs(cfg)
@@ -49,8 +58,6 @@ def train(cfg: DictConfig) -> float | None:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     start = time.perf_counter()
 
-    datamodule = build(cfg.data, "data")
-    module = build(cfg.module, "module")
     callbacks = [build(node, f"callbacks.{name}") for name, node in cfg.callbacks.items() if node]
     loggers = build_loggers(cfg.logger)
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -59,9 +66,7 @@ def train(cfg: DictConfig) -> float | None:
     effective_batch = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     scale = {"effective_batch_size": effective_batch, "world_size": trainer.world_size,
              "lr": cfg.optimizer.lr}  # fmt: skip
-    log.info("batch %d per device x %d device(s) x %d accumulated = %d per optimizer step; lr %g",
-             cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
-             effective_batch, cfg.optimizer.lr)  # fmt: skip
+    log_summary(cfg, module, trainer, effective_batch, output_dir)
     for logger in loggers:
         logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **scale})
 
@@ -92,7 +97,45 @@ def train(cfg: DictConfig) -> float | None:
               "metrics": metrics, **scale}  # fmt: skip
     if trainer.is_global_zero:
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
+        grid = output_dir / "samples" / "final.png"
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())) or "no validation"
+        log.info("done in %.0f s: %s | checkpoint %s | grid %s | %s", result["seconds"],
+                 output_dir, output_dir / "checkpoints" / "last.ckpt",
+                 grid if grid.is_file() else "none", shown)  # fmt: skip
     return metrics.get(cfg.get("optimize_metric") or "val/loss")
+
+
+def log_summary(cfg: DictConfig, module, trainer: L.Trainer, batch: int, output_dir: Path) -> None:
+    """What matters before a run starts: the network's size and memory, the data, the
+    objective, the effective batch and where the outputs go (instead of Lightning's table)."""
+    params = sum(p.numel() for p in module.net.parameters())
+    # weights, their EMA and AdamW's two moments, float32
+    state_mb = 4 * params * 4 / 2**20
+    data = cfg.data
+    name = data.get("dataset") or data._target_.rsplit(".", 1)[-1].removesuffix("DataModule")
+    hp = module.hparams
+    log.info("model: %s, %.2fM parameters, %.0f MB of weights + EMA + AdamW state",
+             module.net.__class__.__name__, params / 1e6, state_mb)  # fmt: skip
+    log.info("data: %s, %d×%d×%d; objective: process=%s, prediction=%s, loss_weight=%s%s",
+             name, data.channels, data.image_size, data.image_size, module.process.family,
+             hp.prediction, module.objective.weight.name,
+             ", learned variance" if hp.learn_sigma else "")  # fmt: skip
+    log.info("batch %d per device x %d device(s) x %d accumulated = %d per optimizer step; lr %g; "
+             "%s steps", cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
+             batch, cfg.optimizer.lr, trainer.max_steps)  # fmt: skip
+    log.info("outputs: %s", output_dir)
+
+
+class _DropLightningTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_library_noise() -> None:
+    """Silence what a user cannot act on, each by its exact text (no blanket filter): Lightning's
+    advertisement for its cloud logger, and a deprecation inside Lightning's pytree helper."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTip())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 @contextmanager
@@ -152,6 +195,7 @@ def _resume_file(cfg: DictConfig) -> Path | None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    quiet_library_noise()
     with exit_on_user_error():
         return train(cfg)
 

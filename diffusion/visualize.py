@@ -21,8 +21,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpoints import load_module
-from diffusion.config import build
+from diffusion.checkpoints import CHECKPOINT_FIELDS, load_checkpoint
+from diffusion.config import NODE, Field, build, check_fields
 from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.evaluation import plots
 from diffusion.processes.ddpm import GaussianDiffusion
@@ -99,7 +99,7 @@ def run_denoise(cfg: DictConfig, out: Path) -> list[Path]:
     if not cfg.ckpt:
         raise ConfigError("mode=denoise needs a checkpoint: ckpt=path/to/last.ckpt")
     ckpt = Path(cfg.ckpt).expanduser()
-    module = load_module(ckpt, prediction=cfg.get("prediction"))
+    module = load_checkpoint(cfg, torch.device("cpu"))
     recorder = plots.TrajectoryRecorder(k=cfg.n)
     generator = torch.Generator().manual_seed(cfg.seed)
     module.sample(cfg.n, generator=generator, callback=recorder, sampler=cfg.get("sampler"))
@@ -111,12 +111,23 @@ def run_denoise(cfg: DictConfig, out: Path) -> list[Path]:
     return paths + [out / "denoise.gif"]
 
 
+FIELDS = {
+    **CHECKPOINT_FIELDS, "ckpt": Field("file", nullable=True),
+    "mode": Field("choice", choices=MODES), "T": Field("int", 1), "n": Field("int", 1),
+    "steps": Field("list", 0, nullable=True), "num_steps": Field("int", 2),
+    "schedules": Field("list"), "gif_frames": Field("int", 1), "data": NODE, "schedule": NODE,
+}  # fmt: skip
+"""The top-level keys of ``python -m diffusion.visualize``."""
+
+
 def visualize(cfg: DictConfig) -> list[Path]:
     """Run one mode; returns the files written."""
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode={cfg.mode!r} is unknown; choose one of {list(MODES)}")
-    if not isinstance(cfg.T, int) or cfg.T < 1:
-        raise ConfigError(f"T={cfg.T!r} is invalid: it must be an integer >= 1")
+    check_fields(cfg, FIELDS, "visualize")
+    if cfg.steps and max(cfg.steps) > cfg.T:
+        raise ConfigError(
+            f"steps={list(cfg.steps)} is invalid: the paper's steps run from 0 (the data) to "
+            f"T={cfg.T}"
+        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = {"forward": run_forward, "schedules": run_schedules, "denoise": run_denoise}[cfg.mode]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -19,11 +20,9 @@ def small_features(x):
     return {"pool": NET(x)}
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train(compose_train([*TINY, "trainer.max_steps=2"], out))
-    return out / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    return tiny_ckpt  # the session's shared tiny checkpoint (conftest)
 
 
 def evaluate(overrides: list[str], out, **kwargs) -> dict:
@@ -42,7 +41,8 @@ def test_fid_kid_bpd_with_protocol_in_metrics_json(ckpt, tmp_path):
     )  # fmt: skip
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == result
-    assert result["fid"] > 0 and result["kid"] == pytest.approx(result["kid"]) and result["bpd"] > 0
+    assert result["fid"] > 0 and math.isfinite(result["kid"]) and result["kid_std"] >= 0
+    assert math.isfinite(result["bpd"]) and result["bpd"] > 0  # an untrained model: any bound
     protocol = result["protocol"]
     assert protocol["n_samples"] == 40 and protocol["nfe"] == 4 and protocol["seed"] == 0
     assert protocol["reference"] == {

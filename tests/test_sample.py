@@ -11,16 +11,13 @@ from PIL import Image
 
 from diffusion.errors import UserError
 from diffusion.sample import run
-from diffusion.train import train
 
-from conftest import TINY, compose_train, run_cli
+from conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    train(compose_train([*TINY, "trainer.max_steps=2"], out))
-    return out / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def ckpt(tiny_ckpt):
+    return tiny_ckpt  # the session's shared tiny checkpoint (conftest)
 
 
 def sample(overrides: list[str], out) -> dict:
@@ -37,7 +34,9 @@ def test_writes_grid_npz_strip_info_and_images(ckpt, tmp_path):
     assert images.shape == (5, 16, 16, 1) and images.dtype == np.uint8
     assert sorted(p.name for p in (tmp_path / "images").iterdir())[-1] == "000004.png"
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (2 * 17 + 1, 3 * 17 + 1)  # 5 images, 2 per row, 1-pixel padding
+        # 5 images, 2 per row, 1-pixel padding; upscaled (nearest) to at least 512 pixels across
+        factor = -(-512 // (2 * 17 + 1))
+        assert grid.size == (factor * (2 * 17 + 1), factor * (3 * 17 + 1))
     assert (tmp_path / "denoise.png").is_file()
     saved = json.loads((tmp_path / "info.json").read_text())
     assert saved == info and info["nfe"] == 20 and info["seed"] == 0 and info["use_ema"]

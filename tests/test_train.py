@@ -36,8 +36,11 @@ def assert_run_artifacts(
     assert (out / "samples" / "denoise_final.png").is_file()
     assert (out / "plots" / "schedule.png").is_file()
     with Image.open(grid) as img:
-        # a 2×2 grid of `size` images with 1-pixel padding
-        assert img.size == (2 * size + 3, 2 * size + 3)
+        # a 2×2 grid of `size` images with 1-pixel padding, upscaled by an integer factor to at
+        # least 512 pixels for viewing
+        side = 2 * size + 3
+        factor = -(-512 // side)
+        assert img.size == (factor * side, factor * side) and factor * side >= 512
     module = DiffusionModule.load_from_checkpoint(
         out / "checkpoints" / "last.ckpt", map_location="cpu"
     )

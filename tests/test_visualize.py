@@ -11,9 +11,7 @@ from diffusion.errors import ConfigError
 from diffusion.evaluation import plots
 from diffusion.processes import schedules
 from diffusion.processes.ddpm import GaussianDiffusion
-from diffusion.visualize import visualize
-
-from conftest import TINY, compose_train
+from diffusion.visualize import available_schedules, visualize
 
 
 def compose_viz(overrides: list[str], out) -> object:
@@ -28,7 +26,7 @@ def strip_size(n_cols: int, n_rows: int) -> tuple[int, int]:
     return round(w), round(h)
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid", "quadratic"])
+@pytest.mark.parametrize("name", available_schedules())
 def test_schedule_curves_are_the_schedule_modules_arrays(name):
     beta = getattr(schedules, name)(1000)
     curves = plots.schedule_curves(beta)
@@ -94,11 +92,8 @@ def test_mode_schedules_rejects_an_unknown_schedule(tmp_path):
         visualize(compose_viz(["mode=schedules", "schedules=[cosin]"], tmp_path))
 
 
-def test_mode_denoise_from_a_checkpoint(tmp_path):
-    from diffusion.train import train
-
-    train(compose_train([*TINY, "trainer.max_steps=2"], tmp_path / "run"))
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+def test_mode_denoise_from_a_checkpoint(tmp_path, tiny_ckpt):
+    ckpt = tiny_ckpt
     cfg = compose_viz(
         ["mode=denoise", f"ckpt={ckpt}", "n=2", "num_steps=4", "gif_frames=10"], tmp_path
     )
@@ -120,7 +115,10 @@ def test_mode_denoise_from_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     "override,message",
-    [("mode=backward", "mode='backward' is unknown"), ("mode=denoise", "needs a checkpoint")],
+    [
+        ("mode=backward", r"mode='backward' is invalid: choose one of \['forward'"),
+        ("mode=denoise", "needs a checkpoint"),
+    ],
 )
 def test_bad_mode_input(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

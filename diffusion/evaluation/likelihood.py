@@ -92,23 +92,40 @@ def bits_per_dim(
     t ≥ 2) and ``decoder`` (L_0). One network evaluation per step: T per image. ``generator``
     fixes the x_t ~ q(x_t | x_0) draws.
     """
+    return bounds(model, x0, (variance,), generator)[variance]
+
+
+@torch.no_grad()
+def bounds(
+    model: Predictor,
+    x0: torch.Tensor,
+    variances: tuple[str, ...],
+    generator: torch.Generator | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`bits_per_dim` for several fixed ``variances`` at once, from the same network
+    evaluations and x_t draws: {variance: terms}."""
     process: GaussianDiffusion = model.process
     batch = x0.shape[0]
     t_last = torch.full((batch,), process.T - 1, device=x0.device, dtype=torch.long)
     mean_T, var_T = process.q_mean_var(x0, t_last)
     zeros = torch.zeros_like(x0)
     prior = _mean_per_image(normal_kl(mean_T, var_T.log(), zeros, zeros)) / LOG2
-    vb = torch.zeros(batch, device=x0.device, dtype=x0.dtype)
-    decoder = torch.zeros_like(vb)
+    vb = {v: torch.zeros(batch, device=x0.device, dtype=x0.dtype) for v in variances}
+    decoder = dict(vb)
     for step in range(process.T):
         t = torch.full((batch,), step, device=x0.device, dtype=torch.long)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         x_t = process.q_sample(x0, t, eps)
         pred = model(x_t, t)
-        log_var = process.model_log_var(t, x_t, variance, frac=pred.var_frac)
-        term = vlb_term(process, x0, x_t, t, pred.x0_hat, log_var)
-        if step == 0:
-            decoder = term
-        else:
-            vb = vb + term
-    return {"total": prior + vb + decoder, "prior": prior, "vb": vb, "decoder": decoder}
+        for variance in variances:
+            log_var = process.model_log_var(t, x_t, variance, frac=pred.var_frac)
+            term = vlb_term(process, x0, x_t, t, pred.x0_hat, log_var)
+            if step == 0:
+                decoder[variance] = term
+            else:
+                vb[variance] = vb[variance] + term
+    return {
+        v: {"total": prior + vb[v] + decoder[v], "prior": prior, "vb": vb[v],
+            "decoder": decoder[v]}
+        for v in variances
+    }  # fmt: skip

@@ -148,8 +148,14 @@ def figure_to_tensor(fig: Figure) -> torch.Tensor:
         return pil_to_tensor(img.convert("RGB")).float() / 255.0
 
 
+VIEW_SIDE = 512
+"""Grids written as PNG files are upscaled (nearest neighbour) to at least this many pixels
+across, so that 16×16 digits can be looked at; the .npz files keep the raw samples."""
+
+
 def upscale(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
-    """Nearest-neighbour upscaling by an integer factor so each image is at least ``min_side``."""
+    """Nearest-neighbour upscaling by an integer factor so each image is at least ``min_side``
+    pixels wide."""
     factor = max(1, -(-min_side // images.shape[-1]))
     return images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
 

@@ -187,8 +187,17 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         check_image_size(image_size, len(channel_mult))
-        if width < 1 or num_res_blocks < 1 or not channel_mult:
-            raise ValueError("width and num_res_blocks must be >= 1 and channel_mult non-empty")
+        if width < 1 or num_res_blocks < 1 or not channel_mult or min(channel_mult) < 1:
+            raise ValueError(
+                f"model.width={width} and model.num_res_blocks={num_res_blocks} must be >= 1, and "
+                f"model.channel_mult={list(channel_mult)} a non-empty list of integers >= 1"
+            )
+        if num_heads < 1 or norm_groups < 1:
+            raise ValueError(
+                f"model.num_heads={num_heads} and model.norm_groups={norm_groups} must be >= 1"
+            )
+        if out_channels is not None and out_channels < 1:
+            raise ValueError(f"out_channels={out_channels} must be >= 1")
         bad = [lvl for lvl in attention_levels if not 0 <= lvl < len(channel_mult)]
         if bad:
             raise ValueError(

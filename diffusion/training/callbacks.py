@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import save_image
@@ -81,7 +82,7 @@ class SampleGrid(Callback):
         grid = plots.to_grid(images.cpu())
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{name}.png"
-        save_image(grid, path)
+        save_image(plots.upscale(grid, plots.VIEW_SIDE), path)
         self.last_path = path
         log_image(trainer, "samples", grid, trainer.global_step)
         if recorder is not None:
@@ -179,7 +180,7 @@ class FIDCallback(Callback):
         from diffusion.errors import UserError
 
         if self.sampler is not None:  # fail now, not at the first evaluation hours in
-            module.check_sampler(self.sampler)
+            module.validate_sampler(self.sampler)
 
         try:
             self.extractor = instantiate(self.extractor_cfg)
@@ -245,6 +246,23 @@ class FIDCallback(Callback):
             module.log("val/kid", kid)
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, counting optimizer steps when the run is bounded by
+    ``max_steps`` (``Epoch 3 · step 760/2800``) instead of ``Epoch 76/-2``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch} · step {trainer.global_step}/{trainer.max_steps}"
+
+    def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
+        super().on_train_batch_end(trainer, module, *args)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            description = self._get_train_description(trainer.current_epoch)
+            self.progress.update(self.train_progress_bar_id, description=description)
+
+
 class PreemptionCheckpoint(Callback):
     """On SIGTERM (and SIGUSR1, the usual SLURM pre-emption warning), finish the current batch,
     save ``{dirpath}/last.ckpt`` and stop; ``ckpt_path=last`` in the same run directory resumes.
@@ -286,11 +304,11 @@ class PreemptionCheckpoint(Callback):
 
         if isinstance(exception, SIGTERMException):
             self.saved = self.dirpath / "last.ckpt"
-            trainer.save_checkpoint(self.saved)
+            trainer.save_checkpoint(self.saved, weights_only=False)
         self._restore()
 
     def on_train_end(self, trainer: Trainer, module: LightningModule) -> None:
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
 
     def on_fit_end(self, trainer: Trainer, module: LightningModule) -> None:
         self._restore()

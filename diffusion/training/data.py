@@ -123,6 +123,10 @@ class ImageDataModule(LightningDataModule, abc.ABC):
     def load(self) -> Dataset:
         """The whole dataset: items are uint8 tensors (channels, image_size, image_size)."""
 
+    def check(self) -> None:
+        """Fail at start-up, before a run writes anything, where the data is surely missing
+        (cheap checks only; loading may still find more)."""
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -336,11 +340,14 @@ class ImageFolderDataModule(ImageDataModule):
         self.root = Path(root).expanduser()
         self.on_corrupt = on_corrupt
 
-    def load(self) -> Dataset:
+    def check(self) -> None:
         if not self.root.is_dir():
             raise DataError(
                 f"data.root={str(self.root)!r} is not a folder; point it at a folder of images"
             )
+
+    def load(self) -> Dataset:
+        self.check()
         files = sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.compat import upgrade
-from diffusion.errors import NonFiniteLossError
+from diffusion.errors import ConfigError, NonFiniteLossError
 from diffusion.processes.ddpm import GaussianDiffusion
 from diffusion.processes.prediction import Predictor, check_target
 from diffusion.samplers import Callback, check_sampler, name_of
@@ -163,6 +163,24 @@ class DiffusionModule(LightningModule):
                 f"sampler {name_of(sampler['_target_'])} uses the model's mean only: the learned "
                 "variance is not used (sampler=ddpm uses it)"
             )
+
+    def validate_sampler(self, sampler: Mapping) -> None:
+        """:meth:`check_sampler`, then one run of the sampler on a single pixel with a network
+        that predicts zeros, so that a bad option (steps beyond the chain, η outside [0, 1], an
+        unknown spacing) is a ConfigError now and not a traceback at the first sample grid."""
+        sampler = _plain(sampler)
+        self.check_sampler(sampler)
+        width = 2 if self.hparams.learn_sigma else 1
+
+        def zeros(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], width * x.shape[1], *x.shape[2:])
+
+        model = Predictor(zeros, self.process, self.hparams.prediction, self.hparams.learn_sigma)
+        try:
+            fn = instantiate(sampler)
+            fn(model, torch.zeros(1, 1, 1, 1), self.process, generator=torch.Generator())
+        except (ValueError, TypeError, IndexError) as err:
+            raise ConfigError(f"sampler: {err}") from None
 
     def predictor(self, use_ema: bool = True) -> Predictor:
         """The network (EMA or raw) seen through the process and its prediction target."""
