@@ -9,8 +9,8 @@ help:  ## list the targets
 install:  ## install the package and its development tools (editable)
 	$(PYTHON) -m pip install -e '.[dev]'
 
-test:  ## run the test suite (a few minutes on 2 CPU cores)
-	$(PYTHON) -m pytest -q
+test:  ## run the test suite, two workers (about 4 minutes on 2 CPU cores)
+	$(PYTHON) -m pytest -q -n 2
 
 lint:  ## ruff: style and common bugs
 	$(PYTHON) -m ruff check .

@@ -1,4 +1,8 @@
-"""Shared test helpers: composing the real configs with tiny, fast overrides."""
+"""Shared test helpers: composing the real configs with tiny, fast overrides.
+
+Under pytest-xdist (``make test`` runs ``-n 2``) each worker, and every process a test starts,
+uses one torch thread: two workers with two threads each on two cores spend their time spinning
+in OpenMP barriers (the suite took longer in parallel than serially)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+
+IN_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if IN_WORKER:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # for the processes the tests start
 
 # A model and run small enough for a few CPU seconds per test.
 TINY = [

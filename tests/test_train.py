@@ -136,6 +136,8 @@ def test_no_logger_still_writes_checkpoints_and_grids(tiny, tmp_path):
 
 
 def test_cli_quickstart_entry_point(tiny, tmp_path):
+    """The real command: its files, its closing line, and none of the libraries' noise a user
+    cannot act on."""
     proc = run_cli(tiny, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
@@ -143,6 +145,10 @@ def test_cli_quickstart_entry_point(tiny, tmp_path):
     assert (runs[0] / "samples" / "final.png").is_file()
     assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
     assert (runs[0] / "csv" / "metrics.csv").is_file()
+    printed = proc.stdout + proc.stderr
+    for noise in ("weights_only", "LeafSpec", "Tip:", "Total FLOPs"):
+        assert noise not in printed, noise
+    assert "done in" in printed
 
 
 def test_cli_multirun_over_two_schedules_named_in_wandb_and_reported(tiny, tmp_path):
@@ -180,9 +186,17 @@ def test_cli_multirun_over_two_schedules_named_in_wandb_and_reported(tiny, tmp_p
     assert len(list(sweeps[0].glob("wandb/offline-run-*"))) == 1  # the table went to W&B too
 
 
-def test_report_of_a_directory_without_runs_says_what_to_give(tmp_path):
-    proc = run_cli([str(tmp_path)], cwd=tmp_path, entry="diffusion.report")
-    assert proc.returncode != 0 and "no runs in" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["{tmp}"], "error: no runs in"), (["{tmp}/missing"], "error: no runs in"),
+     (["{tmp}", "--wandbb"], "unrecognized arguments: --wandbb"), ([], "required: sweep_dir")],
+)  # fmt: skip
+def test_report_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    from diffusion.report import main
+
+    with pytest.raises(SystemExit) as info:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_wandb_offline_without_credentials(tiny, tmp_path):

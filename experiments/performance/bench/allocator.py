@@ -48,7 +48,7 @@ def allocator(profile: Profile) -> list[dict]:
         warmup = profile.base_warmup if base else profile.warmup
         steps = profile.base_steps if base else profile.steps
         runs: dict[bool, list[dict]] = {True: [], False: []}
-        for keep in (True, False) * (1 if base else 2):
+        for keep in (True, False) * (1 if base else profile.allocator_rounds):
             command = [sys.executable, "-m", "experiments.performance.bench", "--allocator-probe",
                        model, str(batch), str(warmup), str(steps), "keep" if keep else "default"]
             done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)

@@ -29,6 +29,7 @@ class Profile:
     sample_batch: int = 64
     peers_required: bool = True
     allocator: tuple[tuple[str, int], ...] = (("unet_small", 64),)  # (model, batch), CPU only
+    allocator_rounds: int = 2  # on/off pairs of processes (unet_small; unet_base: one)
 
 
 PROFILES = {
@@ -41,5 +42,5 @@ PROFILES = {
                     allocator=(("unet_small", 64), ("unet_base", 64))),
     "smoke": Profile({"unet_small": [2]}, 1, 2, 1, 1, [2], [], [1e-1],
                      sample_batch=2, peers_required=False, compile=False,
-                     allocator=(("unet_small", 2),)),
+                     allocator=(("unet_small", 2),), allocator_rounds=1),
 }  # fmt: skip
