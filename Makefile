@@ -10,7 +10,7 @@ install:  ## install the package and its development tools (editable)
 	$(PYTHON) -m pip install -e '.[dev]'
 
 test:  ## run the test suite, two workers (about 4 minutes on 2 CPU cores)
-	$(PYTHON) -m pytest -q -n 2
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal
 
 lint:  ## ruff: style and common bugs
 	$(PYTHON) -m ruff check .

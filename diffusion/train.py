@@ -46,6 +46,7 @@ def train(cfg: DictConfig) -> float | None:
             OmegaConf.to_container(cfg.module, resolve=True),
             bool(cfg.get("trust_checkpoint")),
         )
+        keep_earlier_logs(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, "data")
     datamodule.check()
@@ -179,6 +180,19 @@ def name_sweep_runs(cfg: DictConfig) -> None:
             with open_dict(node):
                 node.group = node.get("group") or f"sweep-{Path(hydra_cfg.sweep.dir).name}"
                 node.name = node.get("name") or name
+
+
+def keep_earlier_logs(cfg: DictConfig) -> None:
+    """A run resumed in its own folder logs beside its earlier metrics, not over them: Lightning's
+    CSV logger deletes the metrics.csv of the folder it writes to, so the resumed part goes to
+    ``csv/resumed_<n>/``."""
+    for node in (cfg.get("logger") or {}).values():
+        if not node or not str(node.get("_target_", "")).endswith("CSVLogger"):
+            continue
+        folder = Path(node.save_dir) / node.name
+        if node.get("version") == "" and (folder / "metrics.csv").exists():
+            with open_dict(node):
+                node.version = f"resumed_{len(list(folder.glob('resumed_*'))) + 1}"
 
 
 def _resume_file(cfg: DictConfig) -> Path | None:

@@ -166,3 +166,6 @@ def test_preemption_signal_saves_a_checkpoint_exits_cleanly_and_resumes_in_place
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
     assert after["global_step"] == step + 2
+    # the first part's metrics are kept; the resumed part logs beside them
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert (run_dir / "csv" / "resumed_1" / "metrics.csv").is_file()
