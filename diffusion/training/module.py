@@ -136,6 +136,7 @@ class DiffusionModule(LightningModule):
         self.process = (
             instantiate(process) if process else GaussianDiffusion(instantiate(schedule)(T))
         )
+        self._told: set = set()  # samplers said to ignore a learned variance
         weight = self._loss_weight(loss_weight)
         check_fits(self.process, weight, learn_sigma, t_sampling)
         self.time_sampler = LossAwareTimes(self.process.T) if t_sampling == "loss_aware" else None
@@ -158,7 +159,8 @@ class DiffusionModule(LightningModule):
         """Refuse a sampler that does not suit the process; say when it ignores a learned
         variance."""
         fn = check_sampler(self.process, sampler)
-        if self.hparams.learn_sigma and not fn.uses_learned_variance:
+        if self.hparams.learn_sigma and not fn.uses_learned_variance and fn not in self._told:
+            self._told.add(fn)  # once per sampler, not at every batch
             rank_zero_info(
                 f"sampler {name_of(sampler['_target_'])} uses the model's mean only: the learned "
                 "variance is not used (sampler=ddpm uses it)"
