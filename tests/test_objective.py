@@ -199,3 +199,21 @@ def test_loss_aware_training_keeps_its_history_in_the_checkpoint(tmp_path):
     module = load_module(tmp_path / "checkpoints" / "last.ckpt")
     assert int(module.time_sampler.count.sum()) == 4 * 8  # 4 steps of batch 8
     assert module.time_sampler.losses.abs().sum() > 0
+
+
+def test_the_bound_with_a_learned_variance_trains_mean_and_variance_without_l_hybrid():
+    """loss_weight=vlb with learn_sigma is Nichol & Dhariwal's L_vlb: the learned σ² enters the
+    bound (the loss depends on v) and no λ L_vlb term is added on top (λ changes nothing)."""
+    x0, eps = data()
+    raw = torch.nn.Parameter(torch.randn(len(T_ENDS), 2, 4, 4) * 0.1)
+
+    def loss(vlb_weight, v_shift=0.0):
+        objective = Objective(PROCESS, "eps", VLB(), learn_sigma=True, vlb_weight=vlb_weight)
+        net = lambda x_t, label: raw + torch.tensor([0.0, v_shift]).view(1, 2, 1, 1)  # noqa: E731
+        return objective(net, x0, T_ENDS, eps)
+
+    assert torch.equal(loss(0.0), loss(1.0))
+    assert not torch.allclose(loss(0.0), loss(0.0, v_shift=0.5))
+    raw.grad = None
+    loss(0.0).sum().backward()
+    assert raw.grad[:, :1].abs().max() > 0 and raw.grad[:, 1:].abs().max() > 0

@@ -5,7 +5,8 @@ and the loss weighting (Ho et al. 2020 Algorithm 1; denoising score matching, So
     raw = net(x_t, label(t)),  loss = weighting(‖target(x_0, ε) - raw‖²)
 
 With ``learn_sigma`` (Nichol & Dhariwal 2021, Sec. 3.1) the network's second half of channels
-is v, the variance's interpolation weight, and the loss is L_hybrid = L + λ L_vlb, with
+is v, the variance's interpolation weight, and the loss is L_hybrid = L + λ L_vlb (or, with
+``loss_weight=vlb``, the bound alone, which then trains mean and variance: their L_vlb), with
 L_vlb = T · L_t (bits/dim; diffusion.evaluation.likelihood.vlb_term) of a model whose mean is
 held fixed (stop-gradient through the first half) and whose variance is learned. λ = 0.001,
 improved-diffusion's ``vb · T / 1000``.
@@ -90,11 +91,14 @@ class Objective:
         m, sigma = per_example(m, x0), per_example(sigma, x0)
         x_t = m * x0 + sigma * eps
         raw = net(x_t, process.label(t))
+        v = None
         if self.learn_sigma:
             raw, v = raw.chunk(2, dim=1)
         mse = (target_value(self.target, x0, eps, m, sigma) - raw).pow(2).flatten(1).mean(1)
-        loss = self.weight.loss(Batch(process, t, m, sigma, x0, x_t, raw, self.target, mse))
-        if self.learn_sigma:
+        frac = None if v is None else (v + 1) / 2
+        batch = Batch(process, t, m, sigma, x0, x_t, raw, self.target, mse, frac)
+        loss = self.weight.loss(batch)
+        if v is not None and not self.weight.bound:  # L_hybrid; the bound itself trains σ² already
             loss = loss + self.vlb_weight * self.vlb(x0, x_t, t, m, sigma, raw.detach(), v)
         return loss
 

@@ -48,6 +48,7 @@ class Batch:
     raw: torch.Tensor
     target: str
     mse: torch.Tensor
+    var_frac: torch.Tensor | None = None  #: a learned variance's interpolation weight, if any
 
 
 class LossWeight(abc.ABC):
@@ -55,6 +56,7 @@ class LossWeight(abc.ABC):
 
     name: str
     needs: str | None = None  #: a view the process must offer (diffusion.processes.kernel)
+    bound: bool = False  #: the loss is the variational bound itself (it trains a learned σ²)
 
     @abc.abstractmethod
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -129,11 +131,13 @@ class Likelihood(EpsWeighted):
 class VLB(LossWeight):
     """The variational bound's own terms (Ho et al. 2020, Eq. 5): T · L_t in bits per dimension,
     L_t = KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t)) for t ≥ 1 and the discretised decoder
-    NLL at t = 0, with p_θ's variance fixed to ``variance`` (β or β̃). Its expectation over t is
-    the bound on -log p(x_0) minus the prior term L_T (a constant)."""
+    NLL at t = 0, with p_θ's variance fixed to ``variance`` (β or β̃), or the learned one (then
+    mean and variance are both trained by the bound: Nichol & Dhariwal's L_vlb). Its expectation
+    over t is the bound on -log p(x_0) minus the prior term L_T (a constant)."""
 
     name = "vlb"
     needs = "vlb"
+    bound = True
 
     def __init__(self, variance: str = "beta_tilde") -> None:
         if variance not in ("beta", "beta_tilde"):
@@ -145,7 +149,7 @@ class VLB(LossWeight):
 
         process = batch.process
         _, x0_hat = eps_x0_from(batch.target, batch.raw, batch.x_t, batch.m, batch.sigma)
-        log_var = process.model_log_var(batch.t, batch.x_t, self.variance)
+        log_var = process.model_log_var(batch.t, batch.x_t, self.variance, frac=batch.var_frac)
         return process.T * vlb_term(process, batch.x0, batch.x_t, batch.t, x0_hat, log_var)
 
 
