@@ -1,0 +1,213 @@
+"""Prediction targets, loss weightings and a learned variance on real MNIST, at one budget.
+
+Every row trains ``unet_small`` with experiments/fid_vs_nfe's recipe (the 10k MNIST test images,
+2,800 steps of batch 64, lr 1e-3, seed 0; a checkpoint also at step 1,400, half the budget) and
+differs only in its objective. Then, from the EMA weights: validation bits/dim from the
+variational bound (T = 1000 network evaluations per image), and FID of 2,000 samples against
+all 10,000 images with ancestral sampling respaced to 50 steps, DDIM-50 and DPM-Solver++ at 20
+NFE; at half the budget, FID with DDIM-50 (does min-SNR converge faster?).
+
+    python -m experiments.objectives.run                # every row: train, then measure
+    python -m experiments.objectives.run --rows v_simple x0_simple
+    python -m experiments.objectives.run --report       # table.md from results.json
+
+Run from the repository root. Each measurement is appended to results.json as soon as it is
+done, and rows or measurements already there are skipped, so the work can be split across
+sessions; checkpoints stay in run/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from diffusion.checkpoints import load_module
+from diffusion.evaluate import split_images
+from diffusion.evaluation import metrics as M
+from diffusion.evaluation.draw import draw, to_uint8
+from diffusion.evaluation.likelihood import bounds
+from diffusion.training.data import to_model_range
+from experiments.fid_vs_nfe.bench import BATCH, reference_features
+
+HERE = Path(__file__).resolve().parent
+FID_VS_NFE = HERE.parent / "fid_vs_nfe"
+RESULTS = HERE / "results.json"
+SHARED = HERE.parents[1].parent / "shared" / "data"
+WEIGHTS = SHARED / "fid-inception" / M.WEIGHTS_NAME
+
+ROWS = {  # name -> the overrides that make it (everything else is fid_vs_nfe's recipe)
+    "eps_simple": [],
+    "v_simple": ["module.prediction=v"],
+    "x0_simple": ["module.prediction=x0"],
+    "eps_min_snr": ["loss_weight=min_snr"],
+    "v_min_snr": ["module.prediction=v", "loss_weight=min_snr"],
+    "learned_hybrid": ["module.learn_sigma=true"],
+}
+RECIPE = [  # experiments/fid_vs_nfe/train.sh
+    "data=mnist", f"data.root={(FID_VS_NFE / 'data').relative_to(HERE.parents[1])}",
+    "data.num_workers=0",
+    "data.pin_memory=false", "data.val_fraction=0.02", "data.batch_size=64", "model=unet_small",
+    "T=1000", "schedule=linear", "optimizer.lr=1e-3", "module.warmup_steps=200",
+    "module.ema_decay=0.999", "trainer.max_steps=2800", "trainer.val_check_interval=700",
+    "trainer.log_every_n_steps=50", "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.sample_grid.strip_n=0", "seed=0",
+]  # fmt: skip
+STEPS, HALF = 2800, 1400
+SAMPLERS = {  # name -> a sampler node; FID rows at full budget
+    "ddpm-50": {"_target_": "diffusion.samplers.chain.ddpm_ancestral", "_partial_": True,
+                "steps": 50, "variance": "beta", "clip_x0": True, "spacing": "uniform"},
+    "ddim-50": {"_target_": "diffusion.samplers.chain.ddim", "_partial_": True, "steps": 50,
+                "eta": 0.0, "spacing": "uniform"},
+    "dpm_solver-20": {"_target_": "diffusion.samplers.chain.dpm_solver", "_partial_": True,
+                      "steps": 20, "spacing": "logsnr"},
+}  # fmt: skip
+BPD_N = 100  # validation images for bits/dim (T network evaluations each)
+
+
+def checkpoint(row: str, step: int | None = None) -> Path:
+    folder = HERE / "run" / row / "checkpoints"
+    if step is None:
+        return folder / "last.ckpt"
+    found = sorted(folder.glob(f"*step={step}*.ckpt"))
+    return found[0] if found else folder / f"missing-step={step}.ckpt"
+
+
+def trained_steps(row: str) -> int:
+    path = checkpoint(row)
+    return int(torch.load(path, weights_only=True)["global_step"]) if path.exists() else 0
+
+
+def train(row: str) -> bool:
+    """Train one row with diffusion.train (a process of its own) to the full budget, resuming
+    its own last.ckpt if a run was stopped (SIGTERM saves one; the resume is exact). True when
+    the row has its full budget."""
+    if trained_steps(row) >= STEPS:
+        return True
+    subprocess.run(
+        [sys.executable, str(FID_VS_NFE / "prepare_data.py"), str(SHARED / "mnist-t10k"),
+         str(FID_VS_NFE / "data")], check=True,
+    )  # fmt: skip
+    half = ("+callbacks.half={_target_:lightning.pytorch.callbacks.ModelCheckpoint,"
+            f"dirpath:{HERE / 'run' / row / 'checkpoints'},every_n_train_steps:{HALF},"
+            "save_top_k:-1}")  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "diffusion.train", *RECIPE, *ROWS[row], half,
+         f"hydra.run.dir={HERE / 'run' / row}", "ckpt_path=last"], check=True, cwd=HERE.parents[1],
+    )  # fmt: skip
+    minutes = load_results()["rows"].get(row, {}).get("train_minutes", 0.0)
+    record(row, "train_minutes", round(minutes + (time.perf_counter() - start) / 60, 1))
+    return trained_steps(row) >= STEPS
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+
+
+def record(row: str, key: str, value) -> None:
+    """Write one measurement of one row to results.json at once (re-read first)."""
+    results = load_results()
+    results["rows"].setdefault(row, {"overrides": ROWS[row]})[key] = value
+    results["protocol"] = {
+        "recipe": RECIPE, "half_budget_step": HALF, "fid_n": 2000, "fid_batch": BATCH,
+        "fid_seed": 0, "reference": "MNIST test split, all 10,000 images, 28x28",
+        "bpd": f"variational bound, first {BPD_N} validation images (data.val_fraction=0.02)",
+        "machine": f"{platform.processor() or platform.machine()}, "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+    }  # fmt: skip
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(row, key, value, flush=True)
+
+
+def fid(module, sampler: dict, extractor, real: torch.Tensor) -> tuple[float, int, float]:
+    start = time.perf_counter()
+    images, nfe = draw(module, 2000, BATCH, 0, sampler, progress=False)
+    seconds = time.perf_counter() - start
+    fake = M.extract(extractor, to_uint8(images), batch_size=100)["pool"]
+    return M.frechet_distance(fake, real), nfe, round(seconds, 1)
+
+
+def measure(row: str, extractor, real: torch.Tensor) -> None:
+    done = load_results()["rows"].get(row, {})
+    module = load_module(checkpoint(row))
+    for name, sampler in SAMPLERS.items():
+        if f"fid/{name}" not in done:
+            value, nfe, seconds = fid(module, sampler, extractor, real)
+            record(row, f"fid/{name}", {"fid": value, "nfe": nfe, "seconds": seconds})
+    variances = ("learned",) if module.hparams.get("learn_sigma") else ("beta", "beta_tilde")
+    if any(f"bpd/{v}" not in done for v in variances):
+        x0 = to_model_range(split_images(OmegaConf.create(module.hparams.data), "val", BPD_N))
+        start = time.perf_counter()
+        terms = bounds(module.predictor(), x0, variances, torch.Generator().manual_seed(0))
+        seconds = round(time.perf_counter() - start, 1)
+        for variance, parts in terms.items():
+            record(row, f"bpd/{variance}",
+                   {**{k: float(v.mean()) for k, v in parts.items()}, "seconds": seconds})
+    if "fid_half/ddim-50" not in done and checkpoint(row, HALF).exists():
+        half = load_module(checkpoint(row, HALF))
+        value, nfe, seconds = fid(half, SAMPLERS["ddim-50"], extractor, real)
+        record(row, "fid_half/ddim-50", {"fid": value, "nfe": nfe, "seconds": seconds})
+
+
+def report() -> str:
+    rows = load_results()["rows"]
+
+    def cell(row: dict, key: str, field: str, fmt: str = "{:.2f}") -> str:
+        return fmt.format(row[key][field]) if key in row else "-"
+
+    lines = [
+        "| row | objective | bpd (VLB) | FID ancestral-50 | FID DDIM-50 | FID DPM-Solver++ 20 "
+        "| FID DDIM-50 at half budget | train min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        bpd = (
+            cell(row, "bpd/learned", "total", "{:.3f} (learned Σ)")
+            if "bpd/learned" in row
+            else f"{cell(row, 'bpd/beta', 'total', '{:.3f}')} (β) / "
+            f"{cell(row, 'bpd/beta_tilde', 'total', '{:.3f}')} (β̃)"
+        )
+        lines.append(
+            f"| {name} | {' '.join(row['overrides']) or 'eps, simple'} | {bpd} | "
+            f"{cell(row, 'fid/ddpm-50', 'fid')} | {cell(row, 'fid/ddim-50', 'fid')} | "
+            f"{cell(row, 'fid/dpm_solver-20', 'fid')} | {cell(row, 'fid_half/ddim-50', 'fid')} | "
+            f"{row.get('train_minutes', '-')} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (HERE / "table.md").write_text(table)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        print(report())
+        return
+    extractor = real = None
+    for row in args.rows:
+        if not train(row):
+            print(f"{row}: training stopped before step {STEPS}; run again to resume", flush=True)
+            return
+        if args.train_only:
+            continue
+        if extractor is None:
+            extractor = M.InceptionFeatures(str(WEIGHTS))
+            real = reference_features(extractor)
+        measure(row, extractor, real)
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
