@@ -71,6 +71,27 @@ def test_forward_strips_start_at_the_data_and_match_q_sample():
     assert torch.allclose(chain[1], one_shot[1], atol=1e-6)
 
 
+def test_a_strip_is_one_mosaic_with_each_image_in_its_labelled_cell():
+    # image (r, c) is the constant r·10 + c (scaled into [-1, 1]): each cell must hold its own
+    value = lambda r, c: (r * 10 + c) / 50 - 1  # noqa: E731
+    rows = [(f"row {r}", torch.stack([torch.full((1, 4, 6), value(r, c)) for c in range(3)]))
+            for r in range(2)]  # fmt: skip
+    fig = plots.plot_strips(rows, ["a", "b", "c"], "title")
+    (ax,) = fig.axes
+    (drawn,) = ax.images
+    image = torch.as_tensor(drawn.get_array().data)
+    pad = 1
+    assert image.shape == (2 * (4 + 2 * pad), 3 * (6 + 2 * pad))
+    for r in range(2):
+        for c in range(3):
+            cell = image[r * 6 : (r + 1) * 6, c * 8 : (c + 1) * 8]
+            assert torch.allclose(cell[pad:-pad, pad:-pad], torch.tensor((value(r, c) + 1) / 2))
+            assert torch.all(cell[0] == 1) and torch.all(cell[:, 0] == 1)  # white border
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["row 0", "row 1"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert list(ax.get_xticks()) == [0.5, 1.5, 2.5]  # at the cells' centres (extent = cells)
+
+
 def test_mode_forward(tmp_path):
     paths = visualize(compose_viz(["mode=forward", "n=2", "T=100", "num_steps=5"], tmp_path))
     assert [p.name for p in paths] == ["forward.png"]
