@@ -71,6 +71,8 @@ def test_same_seed_same_samples(ckpt, tmp_path):
 
 
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(ckpt, tmp_path):
+    with pytest.raises(UserError, match="which checkpoint. give ckpt="):
+        sample([], tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         sample([f"ckpt={tmp_path / 'nope.ckpt'}"], tmp_path)
     broken = tmp_path / "broken.ckpt"
@@ -85,5 +87,3 @@ def test_cli(ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 samples, NFE 2" in proc.stdout
     assert list((tmp_path / "outputs" / "samples").glob("*/samples.npz"))
-    proc = run_cli([], cwd=tmp_path, entry="diffusion.sample")
-    assert proc.returncode == 2 and "give ckpt=" in proc.stderr and "Traceback" not in proc.stderr

@@ -48,26 +48,11 @@ def _assert_ranks_agree(dump_dir: Path) -> None:
     assert ranks[0]["batches"] != ranks[1]["batches"]  # each rank trains on its own shard
 
 
-def test_ddp_on_two_cpu_processes_keeps_ranks_identical_and_resumes(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*TINY, "trainer=ddp_cpu", "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}"]
-    proc = run_cli([*args, _dump(tmp_path / "dump")], cwd=tmp_path, env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_ranks_agree(tmp_path / "dump")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump", "run"]  # one output directory
-    result = yaml.safe_load((run_dir / "result.json").read_text())
-    assert result["world_size"] == 2 and result["effective_batch_size"] == 2 * 8
-    # resume the DDP run in place, for two more steps
-    resumed = run_cli([*args, "ckpt_path=last", "trainer.max_steps=6", _dump(tmp_path / "dump2")],
-                      cwd=tmp_path, env=ENV, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 6
-    _assert_ranks_agree(tmp_path / "dump2")
-
-
-def test_multirun_with_ddp_gives_one_directory_per_point(tmp_path):
-    args = ["-m", "schedule=linear,cosine", *TINY, "trainer=ddp_cpu", "trainer.accelerator=cpu",
+def test_ddp_in_a_multirun_keeps_ranks_identical_one_directory_per_point_and_resumes(tmp_path):
+    """Two sweep points, each DDP on two CPU processes; then one point resumed in place, under
+    DDP again (the ranks' processes must find the job's folder, not make their own)."""
+    ddp = ["trainer=ddp_cpu", "trainer.accelerator=cpu"]
+    args = ["-m", "schedule=linear,cosine", *TINY, *ddp,
             _dump(tmp_path / "dump" / "${schedule._target_}")]  # fmt: skip
     proc = run_cli(args, cwd=tmp_path, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,9 +62,20 @@ def test_multirun_with_ddp_gives_one_directory_per_point(tmp_path):
     assert jobs == ["0", "1"]
     for job in jobs:
         assert (sweeps[0] / job / "checkpoints" / "last.ckpt").is_file()
-        assert yaml.safe_load((sweeps[0] / job / "result.json").read_text())["world_size"] == 2
+        result = yaml.safe_load((sweeps[0] / job / "result.json").read_text())
+        assert result["world_size"] == 2 and result["effective_batch_size"] == 2 * 8
     for schedule in ("linear", "cosine"):
         _assert_ranks_agree(tmp_path / "dump" / f"diffusion.processes.schedules.{schedule}")
+    # resume the second point in place under DDP, for two more steps
+    job = sweeps[0] / "1"
+    resume = ["schedule=cosine", *TINY, *ddp, "trainer.max_steps=6", "ckpt_path=last",
+              f"hydra.run.dir={job}", _dump(tmp_path / "resumed")]  # fmt: skip
+    resumed = run_cli(resume, cwd=tmp_path, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 6
+    _assert_ranks_agree(tmp_path / "resumed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump", "outputs", "resumed"]
 
 
 def test_parallel_launcher_runs_the_points_in_worker_processes(tmp_path):
