@@ -9,7 +9,7 @@ help:  ## list the targets
 install:  ## install the package and its development tools (editable)
 	$(PYTHON) -m pip install -e '.[dev]'
 
-test:  ## run the test suite, two workers (about 4 minutes on 2 CPU cores)
+test:  ## run the test suite, two workers (about 3 minutes on 2 CPU cores)
 	$(PYTHON) -m pytest -q -n 2 --dist worksteal
 
 lint:  ## ruff: style and common bugs
