@@ -106,15 +106,13 @@ CHECKPOINT_FIELDS = {
 }  # fmt: skip
 """The keys of the entry points that read a checkpoint: which, how to read and run it."""
 
+
 def load_checkpoint(cfg: DictConfig, device: torch.device) -> DiffusionModule:
     """The checkpoint's module, checked against ``prediction``, with ``sampler`` validated."""
-    module = load_module(
-        cfg.ckpt, device, cfg.get("prediction"), bool(cfg.get("trust_checkpoint"))
-    )
+    module = load_module(cfg.ckpt, device, cfg.get("prediction"), bool(cfg.get("trust_checkpoint")))
     if cfg.get("sampler"):
         module.validate_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     return module
-
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -183,6 +181,7 @@ MUST_MATCH = {
     "image_shape": ("data [C, H, W]", None),
     "prediction": ("module.prediction", "eps"),
     "learn_sigma": ("module.learn_sigma", False),
+    "sigma_data": ("module.sigma_data", 0.5),
 }
 
 

@@ -240,7 +240,8 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_objective(module: DictConfig) -> None:
-    """``module.prediction`` and ``module.loss_weight`` name a known target and weighting."""
+    """``module.prediction`` and ``module.loss_weight`` name a known target and weighting, and the
+    objective's numbers are in range."""
     from diffusion.processes.prediction import TARGETS
     from diffusion.training.weighting import shipped
 
@@ -261,6 +262,12 @@ def check_objective(module: DictConfig) -> None:
     vlb_weight = module.get("vlb_weight", 0.001)
     if not isinstance(vlb_weight, (int, float)) or isinstance(vlb_weight, bool) or vlb_weight < 0:
         raise ConfigError(f"module.vlb_weight={vlb_weight!r} is invalid: it must be a number >= 0")
+    sigma_data = module.get("sigma_data", 0.5)
+    if not isinstance(sigma_data, (int, float)) or isinstance(sigma_data, bool) or sigma_data <= 0:
+        raise ConfigError(
+            f"module.sigma_data={sigma_data!r} is invalid: it must be a number > 0 (the data's "
+            "standard deviation, 0.5 in EDM)"
+        )
     if not module.get("process"):
         return
     from diffusion.training.objective import check_fits

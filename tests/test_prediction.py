@@ -96,5 +96,5 @@ def test_predictor_reads_a_learned_variance_from_the_second_half():
     assert pred.eps_hat.shape == x.shape and torch.equal(pred.var_frac, torch.full(x.shape, 0.75))
     fixed = Predictor(lambda x, label: torch.zeros_like(x), DDPM, "eps")
     assert fixed(torch.ones(2, 3, 4, 4), torch.tensor([0, 9])).var_frac is None
-    with pytest.raises(ValueError, match=r"prediction must be one of \['eps', 'x0', 'v'\]"):
+    with pytest.raises(ValueError, match=r"prediction must be one of \['eps', 'x0', 'v', 'edm'\]"):
         Predictor(net, DDPM, "score")

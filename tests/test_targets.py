@@ -71,7 +71,7 @@ def test_a_checkpoint_cannot_be_sampled_as_another_target(tiny_ckpt, tmp_path):
     "overrides,message",
     [
         (["module.prediction=score"], r"module.prediction='score' is invalid: choose one of "
-                                      r"\['eps', 'x0', 'v'\]"),
+                                      r"\['eps', 'x0', 'v', 'edm'\]"),
         (["module.loss_weight=minsnr"], r"module.loss_weight='minsnr' is invalid: choose one of "
                                         r"\['likelihood', 'min_snr'"),
         (["process=ncsn", "loss_weight=likelihood"],

@@ -18,34 +18,36 @@ from __future__ import annotations
 import torch
 
 from diffusion.processes.kernel import Process, per_example
-from diffusion.processes.prediction import check_target, target_value
+from diffusion.processes.prediction import Target, make_target
 
 
 class GaussianOracle(torch.nn.Module):
-    """The optimal network ``raw = net(x_t, label)`` for data N(mean, std² I) under
-    ``process`` (any family: it uses ``process.moments_at_label``), in the prediction
-    ``target``; with ``learn_sigma`` (DDPM only) it appends the exact reverse variance of
-    DDPM's chain as Nichol & Dhariwal's v ∈ [-1, 1]."""
+    """The optimal network ``raw = net(input, label)`` for data N(mean, std² I) under
+    ``process`` (any family: it uses ``process.moments_at_label``), in the prediction ``target``
+    (a Target or its name; it undoes the target's input scaling); with ``learn_sigma`` (DDPM
+    only) it appends the exact reverse variance of DDPM's chain as Nichol & Dhariwal's
+    v ∈ [-1, 1]."""
 
     def __init__(
         self,
         process: Process,
         mean: float,
         std: float,
-        target: str = "eps",
+        target: str | Target = "eps",
         learn_sigma: bool = False,
     ) -> None:
         super().__init__()
         self.process, self.mean, self.std = process, mean, std
-        self.target, self.learn_sigma = check_target(target), learn_sigma
+        self.target, self.learn_sigma = make_target(target), learn_sigma
 
-    def forward(self, x_t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         m, sigma = self.process.moments_at_label(label)
-        m, sigma = per_example(m, x_t), per_example(sigma, x_t)
+        m, sigma = per_example(m, inputs), per_example(sigma, inputs)
+        x_t = inputs / self.target.input_scale(m, sigma) if self.target.scales_input else inputs
         var_t = m**2 * self.std**2 + sigma**2
         eps = sigma * (x_t - m * self.mean) / var_t
         x0 = self.mean + m * self.std**2 * (x_t - m * self.mean) / var_t
-        raw = target_value(self.target, x0, eps, m, sigma)
+        raw = self.target.value(x0, eps, m, sigma)
         if not self.learn_sigma:
             return raw
         t = label.round().long()  # DDPM: the label is the code index

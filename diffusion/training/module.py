@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.compat import upgrade
 from diffusion.errors import ConfigError, NonFiniteLossError
 from diffusion.processes.ddpm import GaussianDiffusion
-from diffusion.processes.prediction import Predictor, check_target
+from diffusion.processes.prediction import Predictor, make_target
 from diffusion.samplers import Callback, check_sampler, name_of
 from diffusion.training.determinism import mix, seeded
 from diffusion.training.ema import EMA
@@ -74,7 +74,9 @@ class DiffusionModule(LightningModule):
             memory, which the convolutions run faster in (experiments/performance).
         compile: train through ``torch.compile`` of the network (validation, sampling and the
             checkpoint use the plain network; the first steps pay the compilation).
-        prediction: the network's target, ``eps``, ``x0`` or ``v`` (diffusion.processes.prediction).
+        prediction: the network's target, ``eps``, ``x0``, ``v`` or ``edm`` (EDM's preconditioned
+            denoiser; diffusion.processes.prediction).
+        sigma_data: σ_data of ``prediction=edm``, the data's standard deviation (Karras et al.).
         loss_weight: the weighting, a name (``simple``, ``min_snr``, ``p2``, ``vlb``,
             ``likelihood``: conf/loss_weight/) or a ``_target_`` node; None is ``simple``.
         learn_sigma: the network also outputs its variance's interpolation v (twice the
@@ -108,6 +110,7 @@ class DiffusionModule(LightningModule):
         learn_sigma: bool = False,
         vlb_weight: float = 0.001,
         t_sampling: str = "uniform",
+        sigma_data: float = 0.5,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -125,7 +128,7 @@ class DiffusionModule(LightningModule):
             loss_weight = _plain(loss_weight)
         image_shape = list(image_shape)
         self.save_hyperparameters()
-        check_target(prediction)
+        self.target = make_target(prediction, sigma_data)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # a learned variance doubles the output channels (Nichol & Dhariwal 2021)
         extra = {"out_channels": 2 * image_shape[0]} if learn_sigma else {}
@@ -140,7 +143,7 @@ class DiffusionModule(LightningModule):
         weight = self._loss_weight(loss_weight)
         check_fits(self.process, weight, learn_sigma, t_sampling)
         self.time_sampler = LossAwareTimes(self.process.T) if t_sampling == "loss_aware" else None
-        self.objective = Objective(self.process, prediction, weight, learn_sigma, vlb_weight)
+        self.objective = Objective(self.process, self.target, weight, learn_sigma, vlb_weight)
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"nonfinite_loss must be 'error' or 'skip', got {nonfinite_loss!r}")
         self.image_shape = tuple(image_shape)
@@ -177,7 +180,7 @@ class DiffusionModule(LightningModule):
         def zeros(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
             return torch.zeros(x.shape[0], width * x.shape[1], *x.shape[2:])
 
-        model = Predictor(zeros, self.process, self.hparams.prediction, self.hparams.learn_sigma)
+        model = Predictor(zeros, self.process, self.target, self.hparams.learn_sigma)
         try:
             fn = instantiate(sampler)
             fn(model, torch.zeros(1, 1, 1, 1), self.process, generator=torch.Generator())
@@ -187,7 +190,7 @@ class DiffusionModule(LightningModule):
     def predictor(self, use_ema: bool = True) -> Predictor:
         """The network (EMA or raw) seen through the process and its prediction target."""
         net = self.ema if use_ema else self.net
-        return Predictor(net, self.process, self.hparams.prediction, self.hparams.learn_sigma)
+        return Predictor(net, self.process, self.target, self.hparams.learn_sigma)
 
     # ----- training -----------------------------------------------------------------------
     def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor | None:

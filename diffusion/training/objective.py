@@ -18,7 +18,7 @@ import torch
 
 from diffusion.errors import ConfigError
 from diffusion.processes.kernel import Process, per_example
-from diffusion.processes.prediction import Network, check_target, eps_x0_from, target_value
+from diffusion.processes.prediction import Network, Target, make_target, network_input
 from diffusion.training.weighting import Batch, LossWeight, Simple
 
 T_SAMPLINGS = ("uniform", "loss_aware")
@@ -55,7 +55,8 @@ class Objective:
 
     Args:
         process: the kernel, label and training times (diffusion.processes).
-        target: what the network predicts, ``eps``, ``x0`` or ``v``.
+        target: what the network predicts: a Target or its name (``eps``, ``x0``, ``v``,
+            ``edm``; diffusion.processes.prediction).
         weight: the loss weighting (diffusion.training.weighting); default L_simple.
         learn_sigma: the network also predicts its variance (DDPM; adds λ L_vlb).
         vlb_weight: λ of L_hybrid.
@@ -64,12 +65,12 @@ class Objective:
     def __init__(
         self,
         process: Process,
-        target: str = "eps",
+        target: str | Target = "eps",
         weight: LossWeight | None = None,
         learn_sigma: bool = False,
         vlb_weight: float = 0.001,
     ) -> None:
-        self.process, self.target = process, check_target(target)
+        self.process, self.target = process, make_target(target)
         self.weight = weight or Simple()
         self.learn_sigma, self.vlb_weight = learn_sigma, vlb_weight
 
@@ -90,11 +91,11 @@ class Objective:
         m, sigma = process.marginal(t)
         m, sigma = per_example(m, x0), per_example(sigma, x0)
         x_t = m * x0 + sigma * eps
-        raw = net(x_t, process.label(t))
+        raw = net(network_input(self.target, x_t, m, sigma), process.label(t))
         v = None
         if self.learn_sigma:
             raw, v = raw.chunk(2, dim=1)
-        mse = (target_value(self.target, x0, eps, m, sigma) - raw).pow(2).flatten(1).mean(1)
+        mse = (self.target.value(x0, eps, m, sigma) - raw).pow(2).flatten(1).mean(1)
         frac = None if v is None else (v + 1) / 2
         batch = Batch(process, t, m, sigma, x0, x_t, raw, self.target, mse, frac)
         loss = self.weight.loss(batch)
@@ -106,6 +107,6 @@ class Objective:
         """T · L_t (bits/dim) of the learned variance with the mean from ``raw`` held fixed."""
         from diffusion.evaluation.likelihood import vlb_term
 
-        _, x0_hat = eps_x0_from(self.target, raw, x_t, m, sigma)
+        _, x0_hat = self.target.eps_x0(raw, x_t, m, sigma)
         log_var = self.process.model_log_var(t, x_t, "beta", frac=(v + 1) / 2)
         return self.process.T * vlb_term(self.process, x0, x_t, t, x0_hat, log_var)

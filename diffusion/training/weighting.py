@@ -4,10 +4,11 @@ The loss of one example is w(t) ‖target - target̂‖² (per-dimension mean) i
 prediction target (diffusion.processes.prediction). The papers state their weights relative to
 L_simple's ε-MSE; since ‖ε - ε̂‖² = SNR ‖x_0 - x̂_0‖² and ‖v - v̂‖² = (m² + σ²)² / σ² ‖x_0 - x̂_0‖²
 at fixed x_t, a weight w_ε on the ε-MSE is w_ε · SNR / c_target on the target's MSE, with
-c_target = :func:`~diffusion.processes.prediction.mse_factor`:
+c_target = :meth:`~diffusion.processes.prediction.Target.mse_factor`:
 
 =============  =========================  ===============================================
-``simple``     1 on the target's own MSE  L_simple (Ho et al. 2020) for ε; plain MSE of x_0, v
+``simple``     1 on the target's own MSE  L_simple (Ho et al. 2020) for ε; plain MSE of x_0, v;
+                                          EDM's λ(σ) ‖D - x_0‖² for F (Karras et al. 2022)
 ``min_snr``    w_ε = min(SNR, γ) / SNR    Hang et al. 2023: min(SNR, γ)/(SNR + 1) for v,
                                           min(SNR, γ) for x_0 (γ = 5)
 ``p2``         w_ε = 1 / (k + SNR)^γ      Choi et al. 2022 (k = 1, γ = 1)
@@ -31,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion.processes.kernel import Process
-from diffusion.processes.prediction import eps_x0_from, mse_factor
+from diffusion.processes.prediction import Target
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Batch:
     x0: torch.Tensor
     x_t: torch.Tensor
     raw: torch.Tensor
-    target: str
+    target: Target
     mse: torch.Tensor
     var_frac: torch.Tensor | None = None  #: a learned variance's interpolation weight, if any
 
@@ -73,12 +74,13 @@ class EpsWeighted(LossWeight):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         m, sigma = batch.m.double(), batch.sigma.double()
-        weight = self.eps_weight(batch) * (m / sigma) ** 2 / mse_factor(batch.target, m, sigma)
+        weight = self.eps_weight(batch) * (m / sigma) ** 2 / batch.target.mse_factor(m, sigma)
         return batch.mse * weight.flatten().to(batch.mse.dtype)
 
 
 class Simple(LossWeight):
-    """1 on the target's own MSE: L_simple for ε (bitwise the loss of Ho et al.'s Algorithm 1)."""
+    """1 on the target's own MSE: L_simple for ε (bitwise the loss of Ho et al.'s Algorithm 1),
+    and for EDM's F exactly EDM's loss λ(σ) ‖D - x_0‖², λ = (σ² + σ_d²) / (σ σ_d)² (Eq. 8)."""
 
     name = "simple"
 
@@ -148,7 +150,7 @@ class VLB(LossWeight):
         from diffusion.evaluation.likelihood import vlb_term
 
         process = batch.process
-        _, x0_hat = eps_x0_from(batch.target, batch.raw, batch.x_t, batch.m, batch.sigma)
+        _, x0_hat = batch.target.eps_x0(batch.raw, batch.x_t, batch.m, batch.sigma)
         log_var = process.model_log_var(batch.t, batch.x_t, self.variance, frac=batch.var_frac)
         return process.T * vlb_term(process, batch.x0, batch.x_t, batch.t, x0_hat, log_var)
 
