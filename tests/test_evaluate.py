@@ -84,10 +84,10 @@ def test_bad_input(ckpt, tmp_path):
         evaluate([], tmp_path)
 
 
-@pytest.mark.parametrize("process", ["vp_sde", "ncsn"])
+@pytest.mark.parametrize("process", ["vp_sde", "edm", "ncsn"])
 def test_bpd_of_continuous_families_through_the_probability_flow_ode(process, tmp_path):
     out = tmp_path / "run"
-    extra = ["sampler.steps=4"] if process == "vp_sde" else ["sampler.steps_per_level=1"]
+    extra = ["sampler.steps=4"] if process != "ncsn" else ["sampler.steps_per_level=1"]
     train(compose_train([*TINY, "trainer.max_steps=2", f"process={process}", *extra], out))
     ckpt = out / "checkpoints" / "last.ckpt"
     overrides = [f"ckpt={ckpt}", "metrics=[bpd]", "bpd_n=4", "bpd_batch_size=4"]

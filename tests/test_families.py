@@ -28,6 +28,7 @@ FAST = {
     "subvp_sde": ["sampler=probability_flow", "sampler.rtol=1e-2", "sampler.atol=1e-2"],
     "ve_sde": ["sampler.steps=4", "process.sigma_max=5"],
     "ncsn": ["sampler.steps_per_level=2"],
+    "edm": ["sampler.steps=3"],
 }
 
 

@@ -49,6 +49,9 @@ def test_writes_grid_npz_strip_info_and_images(ckpt, tmp_path):
         (["sampler=dpm_solver", "sampler.steps=4"], 4),
         (["sampler=ddpm", "sampler.steps=7"], 7),
         (["sampler=ddim", "sampler.steps=3", "sampler.eta=1.0", "sampler.spacing=trailing"], 3),
+        (["sampler=ddim", "sampler.steps=4", "sampler.spacing=karras"], 4),
+        (["sampler=heun", "sampler.steps=3"], 5),  # EDM's sampler on a DDPM checkpoint
+        (["sampler=euler", "sampler.steps=3", "sampler.S_churn=1"], 3),
     ],
 )
 def test_every_sampler_from_the_command_line(ckpt, tmp_path, sampler, nfe):

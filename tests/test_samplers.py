@@ -6,6 +6,7 @@ import torch
 from diffusion.processes import schedules
 from diffusion.processes.analytic import GaussianOracle
 from diffusion.processes.ddpm import GaussianDiffusion
+from diffusion.processes.edm import EDM
 from diffusion.processes.prediction import Predictor
 from diffusion.processes.sde import VESDE, VPSDE, SubVPSDE
 from diffusion.samplers import Step, ddim, ddim_encode, ddpm_ancestral, dpm_solver
@@ -204,6 +205,7 @@ FAMILIES = {
     "vp_sde": VPSDE,
     "subvp_sde": SubVPSDE,
     "ve_sde": lambda: VESDE(sigma_max=50.0),
+    "edm": EDM,
 }
 CHAIN = {
     "ancestral-100": (ddpm_ancestral, {"steps": 100, "clip_x0": False}),
@@ -215,8 +217,8 @@ CHAIN = {
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sampler", CHAIN)
 def test_every_target_gives_the_same_samples_as_the_exact_eps(family, sampler):
-    """The exact optimal network written in ε, x_0 or v, through the Predictor, gives the ε
-    network's samples to float tolerance; a network of other data gives other samples."""
+    """The exact optimal network written in ε, x_0, v or EDM's F, through the Predictor, gives
+    the ε network's samples to float tolerance; a network of other data gives other samples."""
     process = FAMILIES[family]()
     fn, options = CHAIN[sampler]
     x_T = torch.randn(500, 1, 2, 2, generator=torch.Generator().manual_seed(0))
@@ -226,7 +228,7 @@ def test_every_target_gives_the_same_samples_as_the_exact_eps(family, sampler):
                   generator=torch.Generator().manual_seed(1), **options)  # fmt: skip
 
     eps = run("eps")
-    for target in ("x0", "v"):
+    for target in ("x0", "v", "edm"):
         assert torch.allclose(run(target), eps, atol=2e-4), target
     assert (run("v", mean=-MU) - eps).abs().mean() > 0.5  # the control
 

@@ -28,6 +28,18 @@ def test_the_ends_of_each_spacing():
     assert timesteps(1000, 1000, "uniform") == list(range(999, -1, -1))
 
 
+def test_karras_spacing_is_eq_5_in_sigma_tilde_rounded_to_the_chain():
+    """σ̃ = e^{-λ} at the visited indices follows Karras' steps between the chain's ends (ρ = 7):
+    evenly spaced in σ̃^{1/7}, away from the dense end near the data where indices round."""
+    ts = timesteps(1000, 12, "karras", LOG_SNR)
+    assert ts[0] == 999 and ts[-1] == 0
+    root = torch.exp(-LOG_SNR[ts]) ** (1 / 7)
+    gaps = torch.diff(root)
+    assert torch.allclose(gaps[:-3], gaps[:-3].mean().expand_as(gaps[:-3]), rtol=0.05)
+    logsnr_gaps = torch.diff(torch.exp(-LOG_SNR[timesteps(1000, 12, "logsnr", LOG_SNR)]) ** (1 / 7))
+    assert not torch.allclose(logsnr_gaps[:-3], logsnr_gaps[:-3].mean().expand(8), rtol=0.05)
+
+
 def test_logsnr_spacing_is_uniform_in_log_snr():
     ts = timesteps(1000, 20, "logsnr", LOG_SNR)
     gaps = torch.diff(LOG_SNR[ts])

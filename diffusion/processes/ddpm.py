@@ -142,6 +142,10 @@ class GaussianDiffusion(nn.Module, Process, SDEView):
         b = table[low.clamp(min=0)] - table[low.clamp(min=0) + 1]
         return -0.5 * b, b.sqrt()
 
+    def time_at(self, sigma_tilde: torch.Tensor) -> torch.Tensor:
+        """The (fractional) step with √((1 - ᾱ) / ᾱ) = σ̃, i.e. ᾱ = 1 / (1 + σ̃²)."""
+        return self.fractional_step(1.0 / (1.0 + sigma_tilde.double() ** 2))
+
     def discretize(self, t: torch.Tensor, dt: float) -> tuple[torch.Tensor, torch.Tensor]:
         """DDPM's own step from t - dt to t: a = √(ᾱ_t / ᾱ_{t-dt}), G² = 1 - a²."""
         delta = self.log_alpha_bar(t) - self.log_alpha_bar(t - dt)

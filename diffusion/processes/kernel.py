@@ -1,7 +1,7 @@
 """The one view of every family: a Gaussian perturbation kernel and what a process offers.
 
 Every process of this package (DDPM at its code indices, the VP / sub-VP / VE SDEs in continuous
-time, NCSN at its noise levels) perturbs the data as
+time, EDM at its noise levels σ, NCSN at its discrete levels) perturbs the data as
 
     x_t = m(t) x_0 + σ(t) ε,    ε ~ N(0, I)                          (the kernel q(x_t | x_0))
 
@@ -17,7 +17,8 @@ A process declares what it offers in ``offers`` (samplers declare what they need
   (ancestral, DDIM, DPM-Solver++) visit from t_{T-1} down to the data, and x_{T-1} ≈ N(0,
   ``prior_std``² I). DDPM's are its code indices; an SDE's are T = ``N`` evenly spaced times.
 - ``"sde"``: continuous time in [``t_min``, ``t_max``] with the forward SDE
-  dx = f(t) x dt + g(t) dw (:meth:`coefficients`), for the SDE samplers and the ODE likelihood.
+  dx = f(t) x dt + g(t) dw (:meth:`coefficients`), for the SDE samplers and the ODE likelihood,
+  and the inverse of σ̃(t) (:meth:`~SDEView.time_at`), for the samplers written in σ̃ (EDM's).
 - ``"levels"``: NCSN's noise levels (m = 1), for annealed Langevin dynamics.
 - ``"vlb"``: a discrete variational bound (DDPM's): ``loss_weight=vlb``, learned variances and
   bits/dim from the bound.
@@ -103,7 +104,6 @@ class Process(abc.ABC):
         return torch.arange(self.T, dtype=torch.float64)
 
 
-
 class SDEView(abc.ABC):
     """The ``"sde"`` view of a process: dx = f(t) x dt + g(t) dw on [t_min, t_max], whose
     marginals are the process's kernel (f = d log m / dt, g² = dσ²/dt - 2 f σ²)."""
@@ -123,6 +123,24 @@ class SDEView(abc.ABC):
         f, g = self.coefficients(t)
         weight = 0.5 if probability_flow else 1.0
         return per_example(f, x) * x - weight * per_example(g, x) ** 2 * score
+
+    def sigma_tilde(self, t: torch.Tensor) -> torch.Tensor:
+        """σ̃(t) = σ(t) / m(t), the noise level of x̃ = x / m (k-diffusion's and EDM's sigma)."""
+        m, sigma = self.marginal(t)
+        return sigma / m
+
+    def time_at(self, sigma_tilde: torch.Tensor) -> torch.Tensor:
+        """The time t ∈ [t_min, t_max] with σ̃(t) = ``sigma_tilde`` (clamped to that range),
+        float64: the inverse of :meth:`sigma_tilde`, by bisection on the increasing σ̃(t) to
+        float64 precision; families with a closed form override it."""
+        target = sigma_tilde.double()
+        lo = torch.full_like(target, float(self.t_min))
+        hi = torch.full_like(target, float(self.t_max))
+        for _ in range(64):  # the bracket halves each time: 2⁻⁶⁴ of the range at the end
+            mid = 0.5 * (lo + hi)
+            below = self.sigma_tilde(mid) < target
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
 
     def discretize(self, t: torch.Tensor, dt: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward step that arrives at t from t - dt, x_t = a x_{t-dt} + G z: (a, G), each

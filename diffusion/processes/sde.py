@@ -110,6 +110,11 @@ class VPSDE(SDE):
             return integral / b
         return (-b + (b * b + 4 * a * integral).sqrt()) / (2 * a)
 
+    def time_at(self, sigma_tilde: torch.Tensor) -> torch.Tensor:
+        """The t with σ̃(t) = σ̃: m² = ᾱ = 1 / (1 + σ̃²), clamped to [t_min, 1]."""
+        alpha_bar = 1.0 / (1.0 + sigma_tilde.double() ** 2)
+        return self.time_of(alpha_bar).clamp(self.t_min, self.t_max)
+
     def discrete_beta(self, n: int) -> torch.Tensor:
         """β_i = β(i / (n - 1)) / n, i = 0 … n-1 (float64)."""
         i = torch.arange(n, dtype=torch.float64)
@@ -135,6 +140,7 @@ class SubVPSDE(VPSDE):
         return -0.5 * beta, (beta * -torch.expm1(-2.0 * self.integral(t))).sqrt()
 
     discretize = SDEView.discretize
+    time_at = SDEView.time_at  # σ̃ = (1 - e^{-B}) / e^{-B/2}: by bisection
 
 
 class VESDE(SDE):
@@ -167,10 +173,14 @@ class VESDE(SDE):
     def marginal(self, t):
         return torch.ones_like(t), self.sigma(t)
 
+    def time_at(self, sigma_tilde: torch.Tensor) -> torch.Tensor:
+        """t = log(σ / σ_min) / log(σ_max / σ_min), clamped to [t_min, 1]."""
+        t = torch.log(sigma_tilde.double() / self.sigma_min) / self.log_ratio
+        return t.clamp(self.t_min, self.t_max)
+
     def coefficients(self, t):
         return torch.zeros_like(t), self.sigma(t) * math.sqrt(2.0 * self.log_ratio)
 
     def discretize(self, t, dt):
         sigma, sigma_prev = self.sigma(t), self.sigma(t - dt)
         return torch.ones_like(t), (sigma**2 - sigma_prev**2).sqrt()
-

@@ -2,7 +2,8 @@
 view of a process it needs; spacings (which chain times to visit) in diffusion.samplers.spacing.
 
 - chain samplers (``needs = "chain"``): ``ddpm_ancestral``, ``ddim``, ``dpm_solver``;
-- SDE samplers (``"sde"``): ``euler_maruyama``, ``predictor_corrector``, ``probability_flow``;
+- SDE samplers (``"sde"``): ``euler_maruyama``, ``predictor_corrector``, ``probability_flow``,
+  and EDM's ``heun`` and ``euler`` on Karras' σ steps (diffusion.samplers.karras);
 - ``annealed_langevin`` (``"levels"``).
 
 A sampler suits a process when the process ``offers`` what the sampler ``needs``: no table of
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from diffusion.errors import ConfigError
 from diffusion.samplers.base import Callback, Step, needs
 from diffusion.samplers.chain import ddim, ddim_encode, ddpm_ancestral, dpm_solver
+from diffusion.samplers.karras import euler, heun
 from diffusion.samplers.langevin import annealed_langevin
 from diffusion.samplers.sde import euler_maruyama, predictor_corrector, probability_flow
 
@@ -76,6 +78,6 @@ def check_sampler(process: Any, sampler: Mapping) -> Any:
 
 __all__ = [
     "Callback", "Step", "annealed_langevin", "check_sampler", "ddim", "ddim_encode",
-    "ddpm_ancestral", "dpm_solver", "euler_maruyama", "name_of", "needs", "predictor_corrector",
-    "probability_flow", "shipped", "suitable",
+    "ddpm_ancestral", "dpm_solver", "euler", "euler_maruyama", "heun", "name_of", "needs",
+    "predictor_corrector", "probability_flow", "shipped", "suitable",
 ]  # fmt: skip

@@ -101,9 +101,9 @@ def ddpm_ancestral(
         x_next = post["coef_xt"] * x + post["coef_x0"] * pred.x0_hat
         if s is not None:
             if pred.var_frac is not None:
-                log_var = pred.var_frac * math.log(post["var_ts"]) + (
-                    1 - pred.var_frac
-                ) * math.log(post["var"])
+                log_var = pred.var_frac * math.log(post["var_ts"]) + (1 - pred.var_frac) * math.log(
+                    post["var"]
+                )
                 x_next = x_next + torch.exp(0.5 * log_var) * noise(x, generator)
             else:
                 var = post["var_ts"] if variance == "beta" else post["var"]

@@ -11,6 +11,8 @@ visits them); the sampler then jumps from the last one to the data. Kept apart f
 - ``quadratic``: DDIM's "quadratic", t_i = ⌊(i·√(0.8 T)/(S-1))²⌋, dense near the data.
 - ``logsnr``: uniform in λ = log(m / σ) (log(√ᾱ_t / √(1-ᾱ_t)) for DDPM) between λ_{T-1} and λ_0
   (DPM-Solver's ``logSNR`` skip type), rounded to the nearest index and made strictly increasing.
+- ``karras``: Karras et al. 2022's σ steps (Eq. 5, ρ = 7) in σ̃ = σ / m = e^{-λ} between the
+  chain's ends, each rounded to the index nearest in λ and made strictly increasing.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import math
 
 import torch
 
-SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
+SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
+RHO = 7.0  #: the ``karras`` spacing's ρ
 
 
 def timesteps(
     T: int, steps: int, spacing: str = "uniform", log_snr: torch.Tensor | None = None
 ) -> list[int]:
-    """``steps`` chain indices in decreasing order; ``logsnr`` needs ``log_snr``, λ at each of
-    the T indices (decreasing)."""
+    """``steps`` chain indices in decreasing order; ``logsnr`` and ``karras`` need ``log_snr``,
+    λ at each of the T indices (decreasing)."""
     if not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in [1, T={T}], got {steps!r}")
     if spacing == "uniform":
@@ -36,11 +39,17 @@ def timesteps(
     elif spacing == "quadratic":
         top = math.sqrt(0.8 * T)
         ts = [int((i * top / max(steps - 1, 1)) ** 2) for i in range(steps)]
-    elif spacing == "logsnr":
+    elif spacing in ("logsnr", "karras"):
         if log_snr is None:
-            raise ValueError("spacing 'logsnr' needs the chain's log_snr")
+            raise ValueError(f"spacing {spacing!r} needs the chain's log_snr")
         lam = log_snr.double()  # decreasing
-        targets = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=torch.float64)
+        if spacing == "logsnr":
+            targets = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=torch.float64)
+        else:  # λ = -log σ̃ of σ̃_i from σ̃_max down to σ̃_min
+            from diffusion.samplers.karras import karras_sigmas
+
+            sigmas = karras_sigmas(steps, math.exp(-lam[0]), math.exp(-lam[-1]), RHO)
+            targets = -torch.log(torch.tensor(sigmas, dtype=torch.float64))
         ts = [int(torch.argmin((lam - x).abs())) for x in targets]
     else:
         raise ValueError(f"spacing must be one of {list(SPACINGS)}, got {spacing!r}")
