@@ -6,8 +6,12 @@ times compare even when the long FID passes shared the machine. `--report` write
 the plot.
 
     python bench.py checkpoint.ckpt [--weights PATH] [--n 2000] [--rows ddim:20 ...]
+    python bench.py checkpoint_edm.ckpt --model edm --rows heun:9 heun:18
     python bench.py checkpoint.ckpt --time [--time-n 100]
     python bench.py --report
+
+Rows are keyed by (model, sampler, steps); ``--model`` names the checkpoint's row group (``ddpm``,
+the default, is train.sh's checkpoint; ``edm`` is train_edm.sh's).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ HERE = Path(__file__).parent
 BATCH = 50  # faster per image than 250 on this CPU (cache-sized activations)
 RESULTS = HERE / "results.json"
 ROWS = (
-    [("dpm_solver", s) for s in (10, 20, 50, 100)]
-    + [("ddim", s) for s in (10, 20, 50, 100)]
+    [("dpm_solver", s) for s in (10, 17, 20, 35, 50, 100)]
+    + [("ddim", s) for s in (10, 17, 20, 35, 50, 100)]
+    + [("heun", s) for s in (9, 18)]  # 17 and 35 NFE (EDM's sampler; issue #15)
     + [("ddpm", 1000)]
 )
 SAMPLERS = {
@@ -50,6 +55,11 @@ SAMPLERS = {
         "_partial_": True,
         "variance": "beta",
         "clip_x0": True,
+    },
+    "heun": {  # EDM's Algorithm 2, deterministic, on the process's own sigma range
+        "_target_": "diffusion.samplers.karras.heun",
+        "_partial_": True,
+        "rho": 7.0,
     },
 }
 
@@ -85,22 +95,25 @@ def draw_resumably(module, n: int, sampler: dict, key: str) -> tuple[torch.Tenso
     return torch.cat(batches), nfe
 
 
-def measure(ckpt: str, weights: str, n: int, rows: list[tuple[str, int]]) -> None:
+def measure(
+    ckpt: str, weights: str, n: int, rows: list[tuple[str, int]], model: str = "ddpm"
+) -> None:
     torch.manual_seed(0)
     module = load_module(ckpt)
     extractor = M.InceptionFeatures(weights)
     real = reference_features(extractor)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
     results["protocol"] = {
-        "checkpoint": str(ckpt), "n_samples": n, "seed": 0, "batch_size": BATCH, "ema": True,
+        **results.get("protocol", {}), f"checkpoint_{model}": str(ckpt), "n_samples": n,
+        "seed": 0, "batch_size": BATCH, "ema": True,
         "reference": "MNIST test split, all 10,000 images, 28x28",
         "features": "FID Inception-v3 pool_3 (torch-fidelity), grayscale repeated to RGB",
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
     }  # fmt: skip
-    done = {(r["sampler"], r["steps"]) for r in results["rows"]}
+    done = {(r.get("model", "ddpm"), r["sampler"], r["steps"]) for r in results["rows"]}
     for name, steps in rows:
-        if (name, steps) in done:
+        if (model, name, steps) in done:
             continue
         sampler = {**SAMPLERS[name], "steps": steps}
         start = time.perf_counter()
@@ -110,7 +123,8 @@ def measure(ckpt: str, weights: str, n: int, rows: list[tuple[str, int]]) -> Non
             images, nfe = draw(module, n, BATCH, 0, sampler, progress=False)
         seconds = time.perf_counter() - start
         fake = M.extract(extractor, to_uint8(images), batch_size=100)["pool"]
-        row = {"sampler": name, "steps": steps, "nfe": nfe, "fid": M.frechet_distance(fake, real),
+        row = {"model": model, "sampler": name, "steps": steps, "nfe": nfe,
+               "fid": M.frechet_distance(fake, real),
                "sampling_seconds": round(seconds, 1),
                "seconds_per_image": round(seconds / n, 4)}  # fmt: skip
         # re-read: a --time pass may have written the file while this row was drawn
@@ -147,17 +161,20 @@ def report() -> None:
     from matplotlib.figure import Figure
 
     results = json.loads(RESULTS.read_text())
-    rows = sorted(results["rows"], key=lambda r: (r["sampler"], r["nfe"]))
+    for r in results["rows"]:
+        r.setdefault("model", "ddpm")  # rows from before EDM's model
+    rows = sorted(results["rows"], key=lambda r: (r["model"], r["sampler"], r["nfe"]))
     timing = results.get("timing", {}).get("rows", {})
     ddpm = timing.get("ddpm:1000", {}).get("seconds_per_image")
     lines = [
-        "| sampler | NFE | FID | s / image | time vs DDPM-1000 | ms / image / NFE |",
-        "|---|---|---|---|---|---|",
+        "| model | sampler | NFE | FID | s / image | time vs DDPM-1000 | ms / image / NFE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        t = timing.get(f"{r['sampler']}:{r['steps']}", {})
+        t = timing.get(f"{r['sampler']}:{r['steps']}", {}) if r["model"] == "ddpm" else {}
         per_image = t.get("seconds_per_image")
         cells = [
+            r["model"],
             r["sampler"],
             r["nfe"],
             f"{r['fid']:.2f}",
@@ -169,10 +186,11 @@ def report() -> None:
     (HERE / "table.md").write_text("\n".join(lines) + "\n")
     fig = Figure(figsize=(6, 4), dpi=100, layout="constrained")
     ax = fig.subplots()
-    for name in SAMPLERS:
-        pts = [(r["nfe"], r["fid"]) for r in rows if r["sampler"] == name]
+    for model, name in sorted({(r["model"], r["sampler"]) for r in rows}):
+        pts = [(r["nfe"], r["fid"]) for r in rows if (r["model"], r["sampler"]) == (model, name)]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            label = f"{model} model, {name}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per sample (NFE, log scale)")
     ax.set_ylabel(f"FID vs MNIST test (n = {results['protocol']['n_samples']})")
@@ -191,6 +209,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--rows", nargs="*", default=None, help="e.g. ddim:20 dpm_solver:20")
+    parser.add_argument("--model", default="ddpm", help="the checkpoint's row group: ddpm, edm")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--time", action="store_true", help="the timing pass only")
     parser.add_argument("--time-n", type=int, default=100, help="images per timed row")
@@ -201,4 +220,4 @@ if __name__ == "__main__":
         time_rows(args.ckpt, args.time_n)
     else:
         rows = [(r.split(":")[0], int(r.split(":")[1])) for r in args.rows] if args.rows else ROWS
-        measure(args.ckpt, args.weights, args.n, rows)
+        measure(args.ckpt, args.weights, args.n, rows, args.model)

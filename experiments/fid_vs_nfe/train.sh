@@ -12,11 +12,4 @@ python -m diffusion.train data=mnist data.root=data data.num_workers=0 data.pin_
   hydra.run.dir=run
 # The checkpoint the benchmarks read: the run's last.ckpt without its optimizer state. Training is
 # deterministic on the CPU (same seed, same bytes of weights), so this rebuilds the same file.
-python - <<'PY'
-import torch
-ckpt = torch.load("run/checkpoints/last.ckpt", weights_only=True)
-keep = ("state_dict", "hyper_parameters", "hparams_name", "beta", "global_step", "epoch",
-        "pytorch-lightning_version")
-torch.save({k: ckpt[k] for k in keep if k in ckpt}, "checkpoint.ckpt")
-print("wrote checkpoint.ckpt")
-PY
+python strip_checkpoint.py run/checkpoints/last.ckpt checkpoint.ckpt
