@@ -63,7 +63,8 @@ def run(cfg: DictConfig) -> dict:
         for i, img in enumerate(pixels):
             save_image(img.float() / 255, out / "images" / f"{i:06d}.png")
     if strip is not None:
-        fig = plots.denoising_strip(strip, cfg.strip_steps, f"x_T → x_0 ({Path(cfg.ckpt).name})")
+        title = f"x_T → x_0 ({Path(cfg.ckpt).name})"
+        fig = plots.denoising_strip(strip, cfg.strip_steps, title, module.process.time_text)
         fig.savefig(out / "denoise.png", dpi=plots.DPI)
     info = {
         "ckpt": str(Path(cfg.ckpt).resolve()),

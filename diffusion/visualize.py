@@ -105,7 +105,7 @@ def run_denoise(cfg: DictConfig, out: Path) -> list[Path]:
     module.sample(cfg.n, generator=generator, callback=recorder, sampler=cfg.get("sampler"))
     sampler = (cfg.get("sampler") or module.hparams.sampler)["_target_"].rsplit(".", 1)[-1]
     title = f"Reverse process x_T → x_0 ({ckpt.name}, EMA, {sampler}, NFE {len(recorder.frames)})"
-    fig = plots.denoising_strip(recorder, cfg.num_steps, title)
+    fig = plots.denoising_strip(recorder, cfg.num_steps, title, module.process.time_text)
     paths = [save(fig, out / "denoise.png")]
     plots.save_gif(plots.denoising_frames(recorder, cfg.gif_frames), out / "denoise.gif")
     return paths + [out / "denoise.gif"]

@@ -92,6 +92,26 @@ def test_a_strip_is_one_mosaic_with_each_image_in_its_labelled_cell():
     assert list(ax.get_xticks()) == [0.5, 1.5, 2.5]  # at the cells' centres (extent = cells)
 
 
+def test_strip_columns_are_labelled_in_each_familys_own_time():
+    from diffusion.processes.edm import EDM
+    from diffusion.processes.sde import VPSDE
+    from diffusion.samplers import Step
+
+    def strip_labels(times, time_text=None):
+        recorder = plots.TrajectoryRecorder(k=1)
+        x = torch.zeros(1, 1, 4, 4)
+        for t in times:
+            recorder(Step(t=t, x_t=x, x_next=x, x0_hat=x, nfe=1))
+        fig = plots.denoising_strip(recorder, len(times), "title", time_text)
+        return [label.get_text() for label in fig.axes[0].get_xticklabels()]
+
+    ddpm = GaussianDiffusion(schedules.linear(10))
+    assert strip_labels([9.0, 4.0, 0.0], ddpm.time_text) == ["t=10", "t=5", "t=1", "x_0"]
+    assert strip_labels([9.0, 4.0, 0.0]) == ["t=10", "t=5", "t=1", "x_0"]  # DDPM's by default
+    assert strip_labels([1.0, 0.5], VPSDE().time_text) == ["t=1", "t=0.5", "x_0"]
+    assert strip_labels([80.0, 0.002], EDM().time_text) == ["σ=80", "σ=0.002", "x_0"]
+
+
 def test_mode_forward(tmp_path):
     paths = visualize(compose_viz(["mode=forward", "n=2", "T=100", "num_steps=5"], tmp_path))
     assert [p.name for p in paths] == ["forward.png"]

@@ -12,7 +12,7 @@ t - 1 (see diffusion.processes.ddpm).
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from matplotlib.figure import Figure
@@ -209,14 +209,21 @@ class TrajectoryRecorder:
         return [visited[round(i * (len(visited) - 1) / (num - 1))] for i in range(num)]
 
 
-def denoising_strip(recorder: TrajectoryRecorder, num_columns: int, title: str) -> Figure:
+def denoising_strip(
+    recorder: TrajectoryRecorder,
+    num_columns: int,
+    title: str,
+    time_text: Callable[[float], str] | None = None,
+) -> Figure:
     """Rows x_t and x̂_0 for each recorded sample at ``num_columns`` visited steps, then x_0.
 
-    Columns are labelled with the paper's t (code index + 1).
+    Columns are labelled by ``time_text`` (the process's :meth:`time_text`: DDPM's paper step
+    t = code index + 1, an SDE's t, EDM's σ); by default as DDPM's.
     """
     assert recorder.final is not None, "run the sampler with the recorder first"
     ts = recorder.pick(num_columns)
-    columns = [f"t={t + 1}" for t in ts] + ["x_0"]
+    time_text = time_text or (lambda t: f"t={t + 1:.5g}")
+    columns = [time_text(t) for t in ts] + ["x_0"]
     rows = []
     for i in range(recorder.final.shape[0]):
         x_t = [recorder.frames[t][0][i] for t in ts] + [recorder.final[i]]

@@ -111,6 +111,10 @@ class GaussianDiffusion(nn.Module, Process, SDEView):
     def moments_at_label(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.marginal(label)
 
+    def time_text(self, t: float) -> str:
+        """The paper's step t + 1 (fractional between indices, as EDM's samplers visit)."""
+        return f"t={t + 1:.5g}"
+
     def fractional_step(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The (fractional) step whose ᾱ is ``alpha_bar``, interpolating log ᾱ; clamped to
         [0, T-1]. The inverse of :meth:`marginal` on floats."""

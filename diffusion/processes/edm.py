@@ -66,6 +66,9 @@ class EDM(Process, SDEView):
     def moments_at_label(self, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.ones_like(label), torch.exp(4.0 * label)
 
+    def time_text(self, t: float) -> str:
+        return f"σ={t:.3g}"
+
     def sample_t(
         self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> torch.Tensor:

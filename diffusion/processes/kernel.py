@@ -87,6 +87,10 @@ class Process(abc.ABC):
     def validation_times(self, k: int) -> torch.Tensor:
         """Up to k fixed times spread over the family's range, for a comparable validation loss."""
 
+    def time_text(self, t: float) -> str:
+        """How pictures label time t (a denoising strip's columns): the family's own time."""
+        return f"t={t:.3g}"
+
     # ----- derived quantities -------------------------------------------------------------
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio m² / σ² (Kingma et al. 2021); ᾱ / (1 - ᾱ) for DDPM."""

@@ -58,6 +58,10 @@ class NCSN(Process):
         sigma = self.sigma_min * torch.exp(label / LABEL_SCALE * self.log_ratio)
         return torch.ones_like(sigma), sigma
 
+    def time_text(self, t: float) -> str:
+        """The level's σ (t is its index from the smallest)."""
+        return f"σ={float(self.sigma_of(torch.tensor([float(t)]))):.3g}"
+
     def sample_t(
         self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> torch.Tensor:

@@ -87,7 +87,7 @@ class SampleGrid(Callback):
         log_image(trainer, "samples", grid, trainer.global_step)
         if recorder is not None:
             title = f"Reverse process at step {trainer.global_step} (EMA)"
-            fig = plots.denoising_strip(recorder, self.strip_steps, title)
+            fig = plots.denoising_strip(recorder, self.strip_steps, title, module.process.time_text)
             fig.savefig(self.dirpath / f"denoise_{name}.png", dpi=plots.DPI)
             log_image(trainer, "denoising", plots.figure_to_tensor(fig), trainer.global_step)
 
