@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from diffusion.samplers.karras import karras_sigmas
+
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
 RHO = 7.0  #: the ``karras`` spacing's ρ
 
@@ -46,8 +48,6 @@ def timesteps(
         if spacing == "logsnr":
             targets = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=torch.float64)
         else:  # λ = -log σ̃ of σ̃_i from σ̃_max down to σ̃_min
-            from diffusion.samplers.karras import karras_sigmas
-
             sigmas = karras_sigmas(steps, math.exp(-lam[0]), math.exp(-lam[-1]), RHO)
             targets = -torch.log(torch.tensor(sigmas, dtype=torch.float64))
         ts = [int(torch.argmin((lam - x).abs())) for x in targets]
