@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from diffusion.allocator import keep_freed_memory
 from diffusion.checkpoints import check_resumable
 from diffusion.config import build, build_loggers, check_config
-from diffusion.errors import exit_on_user_error
+from diffusion.errors import ConfigError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build(cfg.data, "data")
     datamodule.check()
     module = build(cfg.module, "module")
+    classes = getattr(module.net, "num_classes", 0)
+    if classes and not datamodule.yields_labels:
+        raise ConfigError(
+            f"model.num_classes={classes} asks for a class-conditional model, but this data "
+            "yields images without labels; use model.num_classes=0 (unconditional)"
+        )
     module.validate_sampler(module.hparams.sampler)  # now, not at the first grid hours later
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -156,8 +156,8 @@ class _Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """net(x_t, t): (B, C, H, W), (B,) -> (B, C_out, H, W): DDPM's ε_θ, or any prediction target
-    (C_out = 2C with a learned variance; diffusion.processes.prediction).
+    """net(x_t, t) or net(x_t, t, y): (B, C, H, W), (B,)[, (B,)] -> (B, C_out, H, W): DDPM's ε_θ,
+    or any prediction target (C_out = 2C with a learned variance; diffusion.processes.prediction).
 
     Args:
         image_size: side of the (square) input; must be divisible by 2^(len(channel_mult) - 1).
@@ -170,6 +170,9 @@ class UNet(nn.Module):
         num_heads: attention heads.
         norm_groups: GroupNorm groups (gcd with the channel count is used).
         out_channels: output channels (default ``in_channels``).
+        num_classes: K > 0 makes the network class-conditional: a learned embedding of the class
+            y ∈ {0, …, K-1} is added to the time embedding, and class K is the learned null class
+            ∅ (Ho & Salimans 2022), which ``y=None`` means. 0: unconditional.
     """
 
     def __init__(
@@ -184,6 +187,7 @@ class UNet(nn.Module):
         num_heads: int = 1,
         norm_groups: int = 32,
         out_channels: int | None = None,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         check_image_size(image_size, len(channel_mult))
@@ -205,6 +209,8 @@ class UNet(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"model.num_classes={num_classes!r} must be an integer >= 0")
         self.image_size = image_size
         self.in_channels = in_channels
         emb_dim = 4 * width
@@ -260,9 +266,20 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             _norm(ch, norm_groups), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
+        # last, so that an unconditional network draws its initial weights exactly as before
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.width))
+        if self.class_emb is not None:
+            if y is None:  # the null class ∅
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_emb(y)
+        elif y is not None:
+            raise ValueError("labels given to an unconditional network (model.num_classes=0)")
         h = self.input_conv(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample, strict=True):

@@ -58,3 +58,36 @@ class GaussianOracle(torch.nn.Module):
         high = torch.log(per_example(self.process.beta.to(x_t.device)[t], x_t))
         frac = ((torch.log(exact) - low) / (high - low)).clamp(0, 1)
         return torch.cat([raw, (2 * frac - 1).expand_as(raw)], dim=1)
+
+
+class ClassGaussianOracle(torch.nn.Module):
+    """The optimal class-conditional network ``raw = net(input, label, y)`` for data whose class
+    c ∈ {0, …, K-1} is N(means[c], std² I) and whose unconditional model, the null class ∅
+    (y = K, or y = None), is N(null_mean, null_std² I): one :class:`GaussianOracle` per class."""
+
+    def __init__(
+        self,
+        process: Process,
+        means: list[float],
+        std: float,
+        null_mean: float,
+        null_std: float,
+        target: str | Target = "eps",
+    ) -> None:
+        super().__init__()
+        self.num_classes = len(means)
+        self.oracles = [GaussianOracle(process, m, std, target) for m in means]
+        self.oracles.append(GaussianOracle(process, null_mean, null_std, target))
+        self.calls = 0  #: forward passes so far (guidance must batch both halves into one)
+
+    def forward(
+        self, inputs: torch.Tensor, label: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self.calls += 1
+        if y is None:
+            y = torch.full((inputs.shape[0],), self.num_classes, dtype=torch.long)
+        y = y.to(inputs.device).reshape(-1, *[1] * (inputs.ndim - 1))
+        out = torch.zeros_like(inputs)
+        for c, oracle in enumerate(self.oracles):
+            out = torch.where(y == c, oracle(inputs, label), out)
+        return out

@@ -86,6 +86,8 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         seed: seed of the train/validation split, the data order and the flips.
     """
 
+    yields_labels = False  #: batches carry class labels (for a class-conditional model)
+
     def __init__(
         self,
         image_size: int,
