@@ -36,7 +36,8 @@ class Field:
     """What one top-level key of an entry point accepts. ``kind``: ``int``, ``float``, ``bool``,
     ``str``, ``choice`` (one of ``choices``), ``file`` (an existing file), ``dir`` (a folder
     that exists or can be created), ``device``, ``list`` (of ``choices``, or of ints >=
-    ``minimum``), ``node`` (a config group). ``minimum`` is inclusive."""
+    ``minimum``), ``labels`` (``all`` or a list of class indices), ``node`` (a config group).
+    ``minimum`` is inclusive."""
 
     kind: str
     minimum: float | None = None
@@ -99,6 +100,12 @@ def _field_error(key: str, value: Any, field: Field) -> str | None:
             integer = isinstance(item, int) and not isinstance(item, bool)
             if field.minimum is not None and not (integer and item >= field.minimum):
                 return f"its items must be integers >= {field.minimum:g}"
+    if kind == "labels" and value != "all":
+        items = value if isinstance(value, ListConfig | list) else [value]
+        if not isinstance(value, ListConfig | list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+        ):
+            return "give all (every class) or a list of class indices >= 0, e.g. [3,3,7]"
     if kind == "node" and not isinstance(value, DictConfig):
         return "it must be a config group (group=option), not a single value"
     return None

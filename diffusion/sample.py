@@ -1,5 +1,6 @@
 """Draw samples from a checkpoint: ``python -m diffusion.sample ckpt=<path> [sampler=ddim
-sampler.steps=50] n=64 seed=0``.
+sampler.steps=50] n=64 seed=0``; from a class-conditional one, ``labels=[3,3,7] guidance=2``
+(one image per label) or ``labels=all n=8`` (n per class), grid.png then one row per class.
 
 Writes to the run directory (``outputs/samples/<time>/``, or ``out_dir=``):
 ``grid.png`` (the first ``grid_max`` samples), ``samples.npz`` (``images``: uint8
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
@@ -31,7 +33,8 @@ from diffusion.evaluation.draw import draw, to_uint8
 FIELDS = {
     **CHECKPOINT_FIELDS, "n": Field("int", 1), "batch_size": Field("int", 1),
     "grid_max": Field("int", 1), "save_images": Field("bool"), "strip_n": Field("int", 0),
-    "strip_steps": Field("int", 1),
+    "strip_steps": Field("int", 1), "labels": Field("labels", nullable=True),
+    "guidance": Field("float", 0),
 }  # fmt: skip
 """The top-level keys of ``python -m diffusion.sample``."""
 
@@ -45,19 +48,27 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("keep_freed_memory") and device.type == "cpu":
         keep_freed_memory()  # diffusion/allocator.py
     module = load_checkpoint(cfg, device)
+    labels = requested_labels(cfg, module)
+    n = cfg.n if labels is None else len(labels)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    strip = (
-        plots.TrajectoryRecorder(k=min(cfg.strip_n, cfg.n, cfg.batch_size)) if cfg.strip_n else None
-    )
+    strip = plots.TrajectoryRecorder(k=min(cfg.strip_n, n, cfg.batch_size)) if cfg.strip_n else None
     start = time.perf_counter()
-    images, nfe = draw(module, cfg.n, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, strip)
+    images, nfe = draw(module, n, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, strip,
+                       labels=labels, guidance=cfg.guidance)  # fmt: skip
     seconds = time.perf_counter() - start
     pixels = to_uint8(images)
-    np.savez(out / "samples.npz", images=pixels.permute(0, 2, 3, 1).numpy())
-    grid = plots.to_grid(images[: cfg.grid_max])
-    save_image(plots.upscale(grid, plots.VIEW_SIDE), out / "grid.png")
+    np.savez(out / "samples.npz", images=pixels.permute(0, 2, 3, 1).numpy(),
+             **({} if labels is None else {"labels": labels.numpy()}))  # fmt: skip
+    if labels is None:
+        grid = plots.to_grid(images[: cfg.grid_max])
+        save_image(plots.upscale(grid, plots.VIEW_SIDE), out / "grid.png")
+    else:
+        title = f"{Path(cfg.ckpt).name}, guidance w = {cfg.guidance:g}"
+        shown = slice(0, cfg.grid_max)
+        fig = plots.class_grid(images[shown], labels[shown], module.class_names, title)
+        fig.savefig(out / "grid.png", dpi=plots.DPI)
     if cfg.save_images:
         (out / "images").mkdir(exist_ok=True)
         for i, img in enumerate(pixels):
@@ -70,7 +81,9 @@ def run(cfg: DictConfig) -> dict:
         "ckpt": str(Path(cfg.ckpt).resolve()),
         "sampler": sampler or module.hparams.sampler,
         "nfe": nfe,
-        "n": cfg.n,
+        "n": n,
+        "labels": None if labels is None else labels.tolist(),
+        "guidance": cfg.guidance,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "use_ema": cfg.use_ema,
@@ -79,6 +92,38 @@ def run(cfg: DictConfig) -> dict:
     }
     (out / "info.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def requested_labels(cfg: DictConfig, module) -> torch.Tensor | None:
+    """The class of each image to draw (``labels=all``: ``n`` per class), or None for an
+    unconditional draw; a ConfigError for labels or guidance the checkpoint cannot take."""
+    k, labels = module.num_classes, cfg.get("labels")
+    if not k:
+        if labels is not None or cfg.guidance:
+            key = "labels" if labels is not None else "guidance"
+            value = OmegaConf.to_container(labels) if key == "labels" else cfg.guidance
+            raise ConfigError(
+                f"{key}={value!r} needs a class-conditional checkpoint; {Path(cfg.ckpt).name} was "
+                "trained without classes (model.num_classes=0)"
+            )
+        return None
+    if labels is None:
+        if cfg.guidance:
+            raise ConfigError(
+                f"guidance={cfg.guidance:g} needs labels= (the classes to draw); an unconditional "
+                "draw from a class-conditional model uses the null class and is not guided"
+            )
+        return None
+    if labels == "all":
+        return torch.arange(k).repeat_interleave(cfg.n)
+    outside = sorted({int(c) for c in labels if c >= k})
+    if outside:
+        names = ", ".join(f"{i}={name}" for i, name in enumerate(module.class_names or []))
+        raise ConfigError(
+            f"labels={OmegaConf.to_container(labels)!r} is invalid: {outside} outside this "
+            f"checkpoint's classes 0..{k - 1}" + (f" ({names})" if names else "")
+        )
+    return torch.tensor(list(labels), dtype=torch.long)
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")

@@ -36,6 +36,27 @@ from diffusion.errors import ConfigError, exit_on_user_error
 log = logging.getLogger(__name__)
 
 
+def use_labels(module, datamodule) -> None:
+    """A class-conditional model (``model.num_classes`` = K > 0) trains on the data's labels:
+    the data must have K classes; their names go into the checkpoint."""
+    k = getattr(module.net, "num_classes", 0)
+    if not k:
+        return
+    names = datamodule.class_names()
+    if names is None:
+        raise ConfigError(
+            f"model.num_classes={k} asks for a class-conditional model, but this data has no "
+            "labels (data=image_folder needs one subfolder per class); use model.num_classes=0"
+        )
+    if len(names) != k:
+        raise ConfigError(
+            f"model.num_classes={k} does not match the data's {len(names)} classes "
+            f"({', '.join(names[:10])}{', …' if len(names) > 10 else ''})"
+        )
+    datamodule.labels = True
+    module.class_names = names
+
+
 def train(cfg: DictConfig) -> float | None:
     """Run one training described by a composed config; raises UserError on bad input."""
     check_config(cfg)
@@ -51,12 +72,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build(cfg.data, "data")
     datamodule.check()
     module = build(cfg.module, "module")
-    classes = getattr(module.net, "num_classes", 0)
-    if classes and not datamodule.yields_labels:
-        raise ConfigError(
-            f"model.num_classes={classes} asks for a class-conditional model, but this data "
-            "yields images without labels; use model.num_classes=0 (unconditional)"
-        )
+    use_labels(module, datamodule)
     module.validate_sampler(module.hparams.sampler)  # now, not at the first grid hours later
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from conftest import TINY, compose_train, run_cli
 def bad_values(field: Field) -> list:
     """A wrong type and, where the key has a range or a set of options, a value outside it."""
     wrong_type = {"int": "abc", "float": "abc", "bool": "maybe", "str": 12, "choice": 3,
-                  "file": 3, "dir": 3, "device": 3, "list": "abc", "node": "abc"}  # fmt: skip
+                  "file": 3, "dir": 3, "device": 3, "list": "abc", "node": "abc",
+                  "labels": "abc"}  # fmt: skip
     out = [wrong_type[field.kind]]
     if field.kind in ("int", "float") and field.minimum is not None:
         out.append(field.minimum - 1)
@@ -33,6 +34,8 @@ def bad_values(field: Field) -> list:
         out.append("gpu0")
     if field.kind == "list":
         out.append(["bogus"] if field.choices else [-5] if field.minimum is not None else None)
+    if field.kind == "labels":
+        out.append([-5])
     return [v for v in out if v is not None]
 
 

@@ -147,6 +147,20 @@ def plot_strips(
     return fig
 
 
+def class_grid(
+    images: torch.Tensor, labels: torch.Tensor, names: Sequence[str], title: str
+) -> Figure:
+    """Images in [-1, 1] with their class labels as a labelled grid: one row per class, in the
+    order the classes first appear, each row padded with white cells to the longest."""
+    order = list(dict.fromkeys(labels.tolist()))
+    rows = [images[labels == c] for c in order]
+    width = max(len(r) for r in rows)
+    blank = torch.ones_like(images[:1])
+    rows = [torch.cat([r, blank.expand(width - len(r), *r.shape[1:])]) for r in rows]
+    return plot_strips([(names[c], r) for c, r in zip(order, rows, strict=True)],
+                       [""] * width, title)  # fmt: skip
+
+
 def figure_to_tensor(fig: Figure) -> torch.Tensor:
     """Render a Figure to a float (3, H, W) image in [0, 1], for loggers."""
     from PIL import Image

@@ -1,6 +1,8 @@
-"""Image data modules. Each yields batches of uint8 images (B, C, H, W); the scaling to [-1, 1]
-and the random horizontal flip happen on the batch, on its device, in
-:meth:`ImageDataModule.on_after_batch_transfer`.
+"""Image data modules. Each yields batches of uint8 images (B, C, H, W), or (images, labels) for
+a class-conditional model (``labels = True``, set by ``diffusion.train`` when the model has
+classes); the scaling to [-1, 1] and the random horizontal flip happen on the batch, on its
+device, in :meth:`ImageDataModule.on_after_batch_transfer`. :meth:`ImageDataModule.class_names`
+names the classes (cheaply, before any loading), None for data without labels.
 
 ``digits`` (scikit-learn's 1,797 bundled 8×8 digits, offline), ``mnist``, ``fashion_mnist`` and
 ``cifar10`` (torchvision; downloaded on first use) are held in memory as one uint8 tensor;
@@ -35,15 +37,19 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class TensorImages(Dataset):
-    """A uint8 tensor (N, C, H, W) as a dataset of images."""
+    """A uint8 tensor (N, C, H, W) as a dataset of images, or of (image, label) pairs when
+    ``with_labels`` is set (``targets``: the class of each image, (N,) int64)."""
 
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        self.images, self.targets = images, targets
+        self.with_labels = False
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.with_labels:
+            return self.images[index], self.targets[index]
         return self.images[index]
 
 
@@ -86,7 +92,6 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         seed: seed of the train/validation split, the data order and the flips.
     """
 
-    yields_labels = False  #: batches carry class labels (for a class-conditional model)
 
     def __init__(
         self,
@@ -120,6 +125,11 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self.val_set: Dataset | None = None
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._resume_at: tuple[int, int] | None = None
+        self.labels = False  #: yield (images, labels): set for a class-conditional model
+
+    def class_names(self) -> list[str] | None:
+        """The names of the classes, in label order; None when the data has no labels."""
+        return None
 
     @abc.abstractmethod
     def load(self) -> Dataset:
@@ -133,6 +143,10 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         if self.train_set is not None:
             return
         full = self.load()
+        if self.labels:
+            if getattr(full, "targets", None) is None:
+                raise DataError("this data has no labels for a class-conditional model")
+            full.with_labels = True
         n_val = max(1, round(len(full) * self.val_fraction))
         if len(full) - n_val < 1:
             raise DataError(
@@ -175,7 +189,11 @@ class ImageDataModule(LightningDataModule, abc.ABC):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
 
-    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 images -> [-1, 1] (flipped at random in training); labels pass through."""
+        if isinstance(batch, (tuple, list)):
+            images, labels = batch
+            return self.on_after_batch_transfer(images, dataloader_idx), labels
         x = to_model_range(batch)
         trainer = self.trainer
         if trainer is None or not trainer.training:
@@ -207,14 +225,26 @@ class DigitsDataModule(ImageDataModule):
     def __init__(self, image_size: int = 16, channels: int = 1, **kwargs) -> None:
         super().__init__(image_size, channels, **kwargs)
 
+    def class_names(self) -> list[str]:
+        return [str(d) for d in range(10)]
+
     def load(self) -> Dataset:
         from sklearn.datasets import load_digits
 
-        pixels = torch.from_numpy(load_digits().images).float()  # (1797, 8, 8), values 0..16
+        digits = load_digits()
+        pixels = torch.from_numpy(digits.images).float()  # (1797, 8, 8), values 0..16
         images = (pixels * (255.0 / 16.0)).round().to(torch.uint8)[:, None]
-        return TensorImages(convert_channels(resize_uint8(images, self.image_size), self.channels))
+        images = convert_channels(resize_uint8(images, self.image_size), self.channels)
+        return TensorImages(images, torch.as_tensor(digits.target, dtype=torch.long))
 
 
+CLASS_NAMES = {  # torchvision's, in label order
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"],
+}  # fmt: skip
 _TORCHVISION = {
     "mnist": ("MNIST", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]),
     "fashion_mnist": ("FashionMNIST", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]),
@@ -261,27 +291,32 @@ class TorchvisionDataModule(ImageDataModule):
                 f"(or set data.root / DIFFUSION_DATA_DIR to where they are)."
             ) from None
 
+    def class_names(self) -> list[str]:
+        return list(CLASS_NAMES[self.dataset])
+
     def load(self) -> Dataset:
         missing = self._missing()
         if missing:
             raise DataError(f"{self.dataset}: files {missing} are missing from {self.folder}")
         if self.dataset == "cifar10":
-            images = self._read_cifar()
+            images, targets = self._read_cifar()
         else:
-            from torchvision.datasets.mnist import read_image_file
+            from torchvision.datasets.mnist import read_image_file, read_label_file
 
             images = read_image_file(str(self.folder / "train-images-idx3-ubyte"))[:, None]
+            targets = read_label_file(str(self.folder / "train-labels-idx1-ubyte")).long()
         images = resize_uint8(images, self.image_size)
-        return TensorImages(convert_channels(images, self.channels))
+        return TensorImages(convert_channels(images, self.channels), targets)
 
-    def _read_cifar(self) -> torch.Tensor:
+    def _read_cifar(self) -> tuple[torch.Tensor, torch.Tensor]:
         # Read the pickled batches directly: torchvision's CIFAR10 insists on the full set's md5.
-        arrays = []
+        arrays, labels = [], []
         for name in _TORCHVISION["cifar10"][1]:
             with open(self.folder / name, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
             arrays.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        return torch.cat(arrays)
+            labels.append(torch.as_tensor(entry["labels"], dtype=torch.long))
+        return torch.cat(arrays), torch.cat(labels)
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -290,11 +325,19 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 class FolderImages(Dataset):
     """Images found recursively under a folder, each resized (shorter side) and centre-cropped."""
 
-    def __init__(self, files: list[Path], image_size: int, channels: int, on_corrupt: str) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        image_size: int,
+        channels: int,
+        on_corrupt: str,
+        targets: torch.Tensor | None = None,
+    ) -> None:
         self.files = files
         self.image_size = image_size
         self.mode = "L" if channels == 1 else "RGB"
         self.on_corrupt = on_corrupt
+        self.targets, self.with_labels = targets, False
 
     def __len__(self) -> int:
         return len(self.files)
@@ -309,13 +352,15 @@ class FolderImages(Dataset):
         img = TF.center_crop(img, [self.image_size, self.image_size])
         return TF.pil_to_tensor(img)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # An unreadable file is an error, or (on_corrupt=skip) replaced by the next readable one.
         for offset in range(len(self.files)):
-            path = self.files[(index + offset) % len(self.files)]
+            at = (index + offset) % len(self.files)
             try:
-                return self.read(path)
+                image = self.read(self.files[at])
+                return (image, self.targets[at]) if self.with_labels else image
             except Exception as err:
+                path = self.files[at]
                 if self.on_corrupt == "error":
                     raise DataError(
                         f"cannot read image {path}: {err} "
@@ -327,6 +372,8 @@ class FolderImages(Dataset):
 
 class ImageFolderDataModule(ImageDataModule):
     """Any folder of images (searched recursively), resized and centre-cropped to ``image_size``.
+    With one subfolder per class and every image inside one (torchvision's ImageFolder layout),
+    the subfolders, sorted, are the classes.
 
     Args:
         root: the folder.
@@ -348,17 +395,35 @@ class ImageFolderDataModule(ImageDataModule):
                 f"data.root={str(self.root)!r} is not a folder; point it at a folder of images"
             )
 
-    def load(self) -> Dataset:
-        self.check()
-        files = sorted(
+    def _files(self) -> list[Path]:
+        return sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
+
+    def class_names(self) -> list[str] | None:
+        """The subfolders, if every image lies in one (the ImageFolder layout); else None."""
+        if not self.root.is_dir():
+            return None
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        files = self._files()
+        if not names or not files or any(f.parent == self.root for f in files):
+            return None
+        return names
+
+    def load(self) -> Dataset:
+        self.check()
+        files = self._files()
         if not files:
             raise DataError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}; "
                 "check data.root"
             )
-        return FolderImages(files, self.image_size, self.channels, self.on_corrupt)
+        names = self.class_names()
+        targets = None
+        if names is not None:
+            index = {name: i for i, name in enumerate(names)}
+            targets = torch.tensor([index[f.relative_to(self.root).parts[0]] for f in files])
+        return FolderImages(files, self.image_size, self.channels, self.on_corrupt, targets)
 
 
 __all__ = [

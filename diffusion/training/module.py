@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion.compat import upgrade
 from diffusion.errors import ConfigError, NonFiniteLossError
 from diffusion.processes.ddpm import GaussianDiffusion
+from diffusion.processes.guidance import Guided
 from diffusion.processes.prediction import Predictor, make_target
 from diffusion.samplers import Callback, check_sampler, name_of
 from diffusion.training.determinism import mix, seeded
@@ -77,6 +78,9 @@ class DiffusionModule(LightningModule):
         prediction: the network's target, ``eps``, ``x0``, ``v`` or ``edm`` (EDM's preconditioned
             denoiser; diffusion.processes.prediction).
         sigma_data: σ_data of ``prediction=edm``, the data's standard deviation (Karras et al.).
+        cond_drop_prob: for a class-conditional network (``model.num_classes`` > 0), the share of
+            training labels replaced by the null class ∅ (p_uncond of Ho & Salimans 2022), so
+            that one network is also the unconditional model guidance needs.
         loss_weight: the weighting, a name (``simple``, ``min_snr``, ``p2``, ``vlb``,
             ``likelihood``: conf/loss_weight/) or a ``_target_`` node; None is ``simple``.
         learn_sigma: the network also outputs its variance's interpolation v (twice the
@@ -111,6 +115,7 @@ class DiffusionModule(LightningModule):
         vlb_weight: float = 0.001,
         t_sampling: str = "uniform",
         sigma_data: float = 0.5,
+        cond_drop_prob: float = 0.1,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -151,6 +156,14 @@ class DiffusionModule(LightningModule):
         self._batches_seen = 0  # training batches so far, the key of each batch's randomness
         self.val_t = self.process.validation_times(val_timesteps)
         self.check_sampler(sampler)
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"module.cond_drop_prob={cond_drop_prob!r} must be in [0, 1)")
+        self.class_names: list[str] | None = None  #: the data's, for a class-conditional net
+
+    @property
+    def num_classes(self) -> int:
+        """K of a class-conditional network (its null class ∅ is K); 0 if unconditional."""
+        return getattr(self.net, "num_classes", 0)
 
     def _loss_weight(self, config: Mapping | str | None) -> LossWeight:
         weight = load_loss_weight(config) if config is not None else Simple()
@@ -187,23 +200,47 @@ class DiffusionModule(LightningModule):
         except (ValueError, TypeError, IndexError) as err:
             raise ConfigError(f"sampler: {err}") from None
 
-    def predictor(self, use_ema: bool = True) -> Predictor:
-        """The network (EMA or raw) seen through the process and its prediction target."""
+    def predictor(
+        self, use_ema: bool = True, labels: torch.Tensor | None = None, guidance: float = 0.0
+    ) -> Predictor:
+        """The network (EMA or raw) seen through the process and its prediction target; for a
+        class-conditional network, at ``labels`` (None: the null class ∅) with classifier-free
+        guidance ``guidance`` = w (diffusion.processes.guidance)."""
         net = self.ema if use_ema else self.net
-        return Predictor(net, self.process, self.target, self.hparams.learn_sigma)
+        k = self.num_classes
+        if not k:
+            if labels is not None or guidance:
+                raise ValueError(
+                    "labels and guidance need a class-conditional model; this one was trained "
+                    "without classes (model.num_classes=0)"
+                )
+            return Predictor(net, self.process, self.target, self.hparams.learn_sigma)
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < k:
+                raise ValueError(f"labels must be in [0, {k}) for this model's {k} classes, got "
+                                 f"{sorted(set(labels.tolist()) - set(range(k)))}")  # fmt: skip
+            labels = labels.to(self.device)
+        channels = self.image_shape[0] if self.hparams.learn_sigma else None
+        guided = Guided(net, labels, guidance, null=k, mean_channels=channels)
+        return Predictor(guided, self.process, self.target, self.hparams.learn_sigma)
 
     # ----- training -----------------------------------------------------------------------
-    def training_step(self, x0: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        x0, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
         seed = mix(self.hparams.seed, self._batches_seen, self.global_rank)
         self._batches_seen += 1
         x0 = x0.contiguous(memory_format=self.memory_format)
         net = self._compiled_forward or self.net
         with seeded(seed, self.device):
+            if y is not None:  # labels dropped to ∅ with probability p_uncond
+                drop = torch.rand(y.shape[0], device=y.device) < self.hparams.cond_drop_prob
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
             if self.time_sampler is None:
-                loss = self.objective(net, x0).mean()
+                loss = self.objective(net, x0, y=y).mean()
             else:  # t ~ p_t, each loss weighted by 1 / (T p_t) (diffusion.training.time_sampling)
                 t, weight = self.time_sampler.sample(x0.shape[0], x0.device)
-                losses = self.objective(net, x0, t)
+                losses = self.objective(net, x0, t, y=y)
                 loss = (losses * weight).mean()
         if not torch.isfinite(loss):
             step = self.global_step
@@ -233,8 +270,9 @@ class DiffusionModule(LightningModule):
         if self._skipped_in_a_row == 0:
             self.ema.update(self.net)
 
-    def validation_step(self, x0: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
         # Fixed t's and noise seeded by the batch index: the same numbers for the same weights.
+        x0, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
         generator = torch.Generator().manual_seed(batch_idx)
         x0 = x0.contiguous(memory_format=self.memory_format)
         losses = []
@@ -245,7 +283,7 @@ class DiffusionModule(LightningModule):
                 .contiguous(memory_format=self.memory_format)
             )
             t = torch.full((x0.shape[0],), step, device=x0.device, dtype=self.val_t.dtype)
-            losses.append(self.objective(self.ema, x0, t, eps))
+            losses.append(self.objective(self.ema, x0, t, eps, y=y))
         loss = torch.stack(losses).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
@@ -265,9 +303,12 @@ class DiffusionModule(LightningModule):
         if isinstance(self.process, GaussianDiffusion):  # the exact float64 schedule used
             checkpoint["beta"] = self.process.beta64.clone()
         checkpoint["batches_seen"] = self._batches_seen
+        if self.class_names is not None:
+            checkpoint["class_names"] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._batches_seen = checkpoint.get("batches_seen", 0)
+        self.class_names = checkpoint.get("class_names")
 
     # ----- sampling -----------------------------------------------------------------------
     @torch.no_grad()
@@ -279,13 +320,19 @@ class DiffusionModule(LightningModule):
         callback: Callback | None = None,
         sampler: Mapping | None = None,
         x_T: torch.Tensor | None = None,
+        labels: torch.Tensor | list[int] | None = None,
+        guidance: float = 0.0,
     ) -> torch.Tensor:
         """Draw ``n`` images in [-1, 1], shape (n, C, H, W).
 
         ``sampler`` is a ``_partial_`` sampler config (default: the one the model was trained
         with); ``generator`` (a CPU generator) fixes the initial noise x_T ~ N(0, I) and the
-        sampler's noise, or ``x_T`` gives the initial noise directly.
+        sampler's noise, or ``x_T`` gives the initial noise directly. A class-conditional model
+        draws image i of class ``labels[i]`` (n labels; None: unconditional, the null class)
+        with classifier-free guidance ``guidance`` = w ≥ 0 (0: the conditional model).
         """
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} images: give one label per image")
         model = self.ema if use_ema else self.net
         was_training = model.training
         # channels_last convolutions sample about 2x faster on the CPU (experiments/fid_vs_nfe)
@@ -300,7 +347,7 @@ class DiffusionModule(LightningModule):
         if generator is not None and self.device.type != "cpu":
             seed = int(torch.randint(2**62, (1,), generator=generator))
             device_gen = torch.Generator(self.device).manual_seed(seed)
-        model = self.predictor(use_ema)
+        model = self.predictor(use_ema, labels, guidance)
         x0 = sample_fn(model, x_T, self.process, generator=device_gen, callback=callback)
         network = self.ema if use_ema else self.net
         network.train(was_training).to(memory_format=self.memory_format)

@@ -80,9 +80,11 @@ class Objective:
         x0: torch.Tensor,
         t: torch.Tensor | None = None,
         eps: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss of each example of ``x0`` (B, ...), shape (B,); ``t`` and ``eps`` default to
-        the process's training times and N(0, I) (drawn in that order)."""
+        the process's training times and N(0, I) (drawn in that order); ``y``, the classes of a
+        class-conditional network (``net(input, label, y)``)."""
         process = self.process
         if t is None:
             t = process.sample_t(x0.shape[0], x0.device)
@@ -91,7 +93,8 @@ class Objective:
         m, sigma = process.marginal(t)
         m, sigma = per_example(m, x0), per_example(sigma, x0)
         x_t = m * x0 + sigma * eps
-        raw = net(network_input(self.target, x_t, m, sigma), process.label(t))
+        inputs = network_input(self.target, x_t, m, sigma)
+        raw = net(inputs, process.label(t)) if y is None else net(inputs, process.label(t), y)
         v = None
         if self.learn_sigma:
             raw, v = raw.chunk(2, dim=1)
