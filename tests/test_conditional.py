@@ -167,3 +167,22 @@ def test_conditional_training_needs_labelled_data_with_as_many_classes(tmp_path)
 def test_resuming_with_another_number_of_classes_is_refused(conditional_ckpt, tmp_path):
     with pytest.raises(UserError, match="model.num_classes: checkpoint 10, config 0"):
         train(compose_train([*TINY, f"ckpt_path={conditional_ckpt}"], tmp_path / "r"))
+
+
+def test_balanced_labels_and_the_training_callbacks_of_a_conditional_model(tmp_path):
+    from diffusion.training.callbacks import balanced_labels
+
+    assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert balanced_labels(7, 3, grouped=True).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert balanced_labels(7, 0) is None
+    fid = ["every_n_steps=2", "n=10", "batch_size=10", "reference_n=20",
+           "extractor._target_=test_metrics.SmallFeatures", f"cache_dir={tmp_path / 'cache'}"]
+    fid = [f"callbacks.fid.{o}" for o in fid]
+    fid.append("+callbacks.fid.sampler={_target_:diffusion.samplers.ddim,_partial_:true,steps:2}")
+    train(compose_train([*TINY, "model.num_classes=10", "trainer.max_steps=2",
+                         "callbacks.sample_grid.n=10", *fid], tmp_path))  # fmt: skip
+    header, *rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("val/fid")
+    assert any(r.split(",")[column] for r in rows)  # the FID of class-balanced samples
+    with Image.open(tmp_path / "samples" / "step_000002.png") as grid:
+        assert grid.size[1] > 10 * 0.9 * 100 * 0.9  # one labelled row per class

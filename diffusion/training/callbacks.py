@@ -26,6 +26,16 @@ def log_image(trainer: Trainer, key: str, grid: torch.Tensor, step: int) -> None
             logger.experiment.add_image(key, grid, global_step=step)
 
 
+def balanced_labels(n: int, num_classes: int, grouped: bool = False) -> torch.Tensor | None:
+    """Labels for ``n`` samples of a class-conditional model, as equal in number per class as
+    ``n`` allows: 0, 1, …, K-1, 0, 1, … or, ``grouped``, class-major (0, 0, …, 1, 1, …) for a
+    grid with one row per class. None for an unconditional model (num_classes = 0)."""
+    if not num_classes:
+        return None
+    labels = torch.arange(n) % num_classes
+    return labels.sort(stable=True).values if grouped else labels
+
+
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, sample ``n`` images
     with the EMA weights from a fixed seed, save ``{dirpath}/step_{step:06d}.png`` (and
@@ -34,6 +44,9 @@ class SampleGrid(Callback):
     From the same sampling run, the reverse trajectory of the first ``strip_n`` samples at
     ``strip_steps`` evenly spaced steps (x_t above the predicted x̂_0) is saved as
     ``denoise_<name>.png`` and logged as ``denoising`` (``strip_n=0`` turns it off).
+
+    A class-conditional model draws the grid per class (:func:`balanced_labels`, class-major):
+    one row per class, labelled with the class names.
     """
 
     def __init__(
@@ -68,12 +81,18 @@ class SampleGrid(Callback):
         x_T = torch.randn(
             (self.n, *module.image_shape), generator=torch.Generator().manual_seed(self.seed)
         )
+        labels = balanced_labels(self.n, module.num_classes, grouped=True)
         share = -(-self.n // world)  # ceil: every rank samples as many (padding), for all_gather
         mine = x_T[rank::world]
         mine = torch.cat([mine, x_T[: share - len(mine)]]) if len(mine) < share else mine
+        my_labels = None
+        if labels is not None:
+            my_labels = labels[rank::world]
+            my_labels = torch.cat([my_labels, labels[: share - len(my_labels)]])
         recorder = plots.TrajectoryRecorder(k=min(self.strip_n, share)) if self.strip_n else None
         generator = torch.Generator().manual_seed(self.seed + rank)  # the sampler's own noise
-        images = module.sample(share, generator=generator, callback=recorder, x_T=mine)
+        images = module.sample(share, generator=generator, callback=recorder, x_T=mine,
+                               labels=my_labels)  # fmt: skip
         if world > 1:
             gathered = trainer.strategy.all_gather(images)  # (world, share, C, H, W)
             images = gathered.transpose(0, 1).reshape(-1, *images.shape[1:])[: self.n]
@@ -82,7 +101,14 @@ class SampleGrid(Callback):
         grid = plots.to_grid(images.cpu())
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"{name}.png"
-        save_image(plots.upscale(grid, plots.VIEW_SIDE), path)
+        if labels is None:
+            save_image(plots.upscale(grid, plots.VIEW_SIDE), path)
+        else:
+            names = module.class_names or [str(c) for c in range(module.num_classes)]
+            title = f"Samples per class at step {trainer.global_step} (EMA)"
+            fig = plots.class_grid(images.cpu(), labels, names, title)
+            fig.savefig(path, dpi=plots.DPI)
+            grid = plots.figure_to_tensor(fig)
         self.last_path = path
         log_image(trainer, "samples", grid, trainer.global_step)
         if recorder is not None:
@@ -141,6 +167,7 @@ class FIDCallback(Callback):
     once per dataset and resolution and cached in ``cache_dir``. ``extractor`` is a config of the
     feature network (default: FID Inception, diffusion.metrics); when its weights are missing
     and ``skip_without_weights`` is set, the callback turns itself off with a warning.
+    A class-conditional model draws class-balanced labels (:func:`balanced_labels`), unguided.
     """
 
     def __init__(
@@ -214,7 +241,8 @@ class FIDCallback(Callback):
             def compute() -> torch.Tensor:
                 train_set = dm.train_set
                 count = min(self.reference_n, len(train_set))
-                images = torch.stack([train_set[i] for i in range(count)])
+                items = [train_set[i] for i in range(count)]  # (image, label) if conditional
+                images = torch.stack([x[0] if isinstance(x, tuple) else x for x in items])
                 return metrics.extract(self.extractor, images, device=module.device)["pool"]
 
             self.reference = metrics.cached_reference_features(key, compute, self.cache_dir)
@@ -232,9 +260,12 @@ class FIDCallback(Callback):
         real = self._reference(trainer, module)
         world, rank = trainer.world_size, trainer.global_rank
         local_n = -(-self.n // world)
-        images, _ = draw(
-            module, local_n, self.batch_size, self.seed + 1000 * rank, self.sampler, progress=False
-        )
+        labels = balanced_labels(self.n, module.num_classes)  # class-balanced, conditional only
+        mine = None if labels is None else labels[rank * local_n : (rank + 1) * local_n]
+        if mine is not None and len(mine) < local_n:
+            mine = torch.cat([mine, labels[: local_n - len(mine)]])
+        images, _ = draw(module, local_n, self.batch_size, self.seed + 1000 * rank, self.sampler,
+                         progress=False, labels=mine)  # fmt: skip
         fake = metrics.extract(self.extractor, to_uint8(images), device=module.device)["pool"]
         gathered = module.all_gather(fake.to(module.device))
         fake = gathered.reshape(-1, gathered.shape[-1])[: self.n].double().cpu()
