@@ -7,6 +7,10 @@ metrics=[fid,kid,is,bpd]``.
   dataset, split, resolution and count.
 - ``bpd``: bits per dimension from the variational bound (diffusion.likelihood) on ``bpd_n``
   validation images, T network evaluations per image.
+- A class-conditional checkpoint draws class-balanced labels with guidance ``guidance`` = w;
+  ``class_acc`` is the share of samples a small classifier trained on the training split
+  assigns to their class, reported with that classifier's own validation accuracy
+  (diffusion.evaluation.classifier; cached in ``cache_dir``).
 
 Results and their protocol go to ``metrics.json`` in the run directory and to the logger.
 """
@@ -26,12 +30,13 @@ from diffusion.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, pick_devic
 from diffusion.config import OPTIONAL_NODE, Field, build, build_loggers, check_fields
 from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.evaluation import metrics as M
-from diffusion.evaluation.draw import draw, to_uint8
+from diffusion.evaluation.classifier import accuracy, cached_classifier
+from diffusion.evaluation.draw import balanced_labels, draw, to_uint8
 from diffusion.evaluation.likelihood import bits_per_dim
 from diffusion.evaluation.ode_likelihood import ode_bits_per_dim
 from diffusion.training.data import to_model_range
 
-METRICS = ("fid", "kid", "is", "bpd")
+METRICS = ("fid", "kid", "is", "class_acc", "bpd")
 FIELDS = {
     **CHECKPOINT_FIELDS, "metrics": Field("list", choices=METRICS), "n": Field("int", 2),
     "batch_size": Field("int", 1), "reference_split": Field("choice", choices=("train", "val")),
@@ -40,6 +45,7 @@ FIELDS = {
     "cache_dir": Field("dir"), "kid_subsets": Field("int", 1), "kid_subset_size": Field("int", 2),
     "bpd_n": Field("int", 1), "bpd_batch_size": Field("int", 1),
     "bpd_variance": Field("choice", choices=("beta", "beta_tilde"), nullable=True),
+    "guidance": Field("float", 0),
     "data": OPTIONAL_NODE, "logger": OPTIONAL_NODE,
     "callbacks": OPTIONAL_NODE,  # logger=none sets callbacks.lr_monitor (train's); unused here
 }  # fmt: skip
@@ -58,12 +64,22 @@ def data_config(cfg: DictConfig, module) -> DictConfig:
 
 def split_images(data_cfg: DictConfig, split: str, limit: int | None) -> torch.Tensor:
     """uint8 images (N, C, H, W) of the data module's ``split`` (train or val)."""
+    return split_items(data_cfg, split, limit)[0]
+
+
+def split_items(
+    data_cfg: DictConfig, split: str, limit: int | None, labels: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 images (N, C, H, W) of the data module's ``split`` and, with ``labels``, theirs."""
     datamodule = build(data_cfg, "data")
+    datamodule.labels = labels
     datamodule.prepare_data()
     datamodule.setup("fit")
     dataset = datamodule.train_set if split == "train" else datamodule.val_set
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return torch.stack([dataset[i] for i in range(n)])
+    items = [dataset[i] for i in range(len(dataset) if limit is None else min(limit, len(dataset)))]
+    if not labels:
+        return torch.stack(items), None
+    return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
 
 
 def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
@@ -83,6 +99,12 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
         keep_freed_memory()  # diffusion/allocator.py
     module = load_checkpoint(cfg, device)
     data_cfg = data_config(cfg, module)
+    if not module.num_classes and ("class_acc" in cfg.metrics or cfg.guidance):
+        key = "metrics=[class_acc]" if "class_acc" in cfg.metrics else f"guidance={cfg.guidance}"
+        raise ConfigError(
+            f"{key} needs a class-conditional checkpoint; {Path(cfg.ckpt).name} was trained "
+            "without classes (model.num_classes=0)"
+        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -91,11 +113,22 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
         "protocol": {"seed": cfg.seed, "use_ema": cfg.use_ema},
     }
 
-    sample_metrics = [m for m in cfg.metrics if m in ("fid", "kid", "is")]
+    sample_metrics = [m for m in cfg.metrics if m in ("fid", "kid", "is", "class_acc")]
     if sample_metrics:
-        extractor = feature_extractor or M.InceptionFeatures(cfg.inception_weights).to(device)
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
-        images, nfe = draw(module, cfg.n, cfg.batch_size, cfg.seed, sampler, cfg.use_ema)
+        labels = balanced_labels(cfg.n, module.num_classes)  # None: unconditional
+        images, nfe = draw(module, cfg.n, cfg.batch_size, cfg.seed, sampler, cfg.use_ema,
+                           labels=labels, guidance=cfg.guidance)  # fmt: skip
+        result["protocol"].update(n_samples=cfg.n, sampler=sampler or module.hparams.sampler,
+                                  nfe=nfe)  # fmt: skip
+        if labels is not None:
+            result["protocol"].update(labels="class-balanced", guidance=cfg.guidance)
+    if "class_acc" in sample_metrics:
+        result["class_acc"], result["protocol"]["class_acc"] = class_accuracy(
+            to_uint8(images), labels, module.num_classes, data_cfg, cfg.cache_dir
+        )
+    if set(sample_metrics) - {"class_acc"}:
+        extractor = feature_extractor or M.InceptionFeatures(cfg.inception_weights).to(device)
         fake = M.extract(extractor, to_uint8(images), device=device)
         extractor_name = getattr(extractor, "name", type(extractor).__name__)
         ref_key = json.dumps(
@@ -113,9 +146,6 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
             cfg.cache_dir,
         )
         result["protocol"].update(
-            n_samples=cfg.n,
-            sampler=sampler or module.hparams.sampler,
-            nfe=nfe,
             reference={"dataset": data_cfg.get("dataset", data_cfg._target_.rsplit(".", 1)[-1]),
                        "split": cfg.reference_split, "n": int(real.shape[0]),
                        "image_size": int(data_cfg.image_size)},
@@ -142,6 +172,22 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     log_results(cfg, result)
     return result
+
+
+def class_accuracy(
+    samples: torch.Tensor, labels: torch.Tensor, num_classes: int, data_cfg: DictConfig, cache_dir
+) -> tuple[float, dict]:
+    """The share of uint8 ``samples`` a classifier of the data assigns to ``labels``, and the
+    protocol: the classifier and its accuracy on the validation split."""
+    key = json.dumps({"data": OmegaConf.to_container(data_cfg, resolve=True),
+                      "classifier": "SmallClassifier/v1"}, sort_keys=True)  # fmt: skip
+    model, test_accuracy = cached_classifier(
+        key, split_items(data_cfg, "train", None, labels=True),
+        split_items(data_cfg, "val", None, labels=True), num_classes, cache_dir,
+    )  # fmt: skip
+    protocol = {"classifier": "SmallClassifier (2 conv blocks), 3 epochs on the training split",
+                "classifier_val_accuracy": test_accuracy}  # fmt: skip
+    return accuracy(model, samples, labels), protocol
 
 
 def bits_per_dim_of(module, data_cfg: DictConfig, cfg: DictConfig) -> tuple[float, dict, dict]:

@@ -170,7 +170,7 @@ def test_resuming_with_another_number_of_classes_is_refused(conditional_ckpt, tm
 
 
 def test_balanced_labels_and_the_training_callbacks_of_a_conditional_model(tmp_path):
-    from diffusion.training.callbacks import balanced_labels
+    from diffusion.evaluation.draw import balanced_labels
 
     assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert balanced_labels(7, 3, grouped=True).tolist() == [0, 0, 0, 1, 1, 2, 2]
@@ -186,3 +186,51 @@ def test_balanced_labels_and_the_training_callbacks_of_a_conditional_model(tmp_p
     assert any(r.split(",")[column] for r in rows)  # the FID of class-balanced samples
     with Image.open(tmp_path / "samples" / "step_000002.png") as grid:
         assert grid.size[1] > 10 * 0.9 * 100 * 0.9  # one labelled row per class
+
+
+def test_the_class_accuracy_classifier_learns_the_classes_and_a_shuffled_control_does_not():
+    from diffusion.evaluation.classifier import accuracy, fit
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 2  # class 0: a bright left half, class 1: a bright right half
+    images = (torch.rand(400, 1, 8, 8, generator=g) * 60).to(torch.uint8)
+    images[labels == 0, :, :, :4] += 150
+    images[labels == 1, :, :, 4:] += 150
+    model = fit(images[:300], labels[:300], 2)
+    assert accuracy(model, images[300:], labels[300:]) > 0.95
+    assert accuracy(model, images[300:], 1 - labels[300:]) < 0.05  # the labels matter
+
+
+def test_evaluate_a_conditional_checkpoint_class_balanced_with_class_accuracy(
+    conditional_ckpt, tmp_path
+):
+    from test_evaluate import evaluate, small_features
+
+    overrides = [f"ckpt={conditional_ckpt}", "metrics=[fid,class_acc]", "n=20", "batch_size=20",
+                 "reference_n=40", "guidance=1.5", "sampler=ddim", "sampler.steps=2"]  # fmt: skip
+    result = evaluate(overrides, tmp_path, feature_extractor=small_features)
+    protocol = result["protocol"]
+    assert protocol["labels"] == "class-balanced" and protocol["guidance"] == 1.5
+    assert 0.0 <= result["class_acc"] <= 1.0 and result["fid"] > 0
+    held_out = protocol["class_acc"]["classifier_val_accuracy"]
+    assert 0.0 <= held_out <= 1.0
+    cached = list((tmp_path / "cache").glob("classifier_*.pt"))
+    assert len(cached) == 1
+    again = evaluate(overrides, tmp_path, feature_extractor=small_features)  # the cached one
+    assert again["protocol"]["class_acc"]["classifier_val_accuracy"] == held_out
+    assert again["class_acc"] == result["class_acc"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [(["metrics=[class_acc]"], r"metrics=\[class_acc\] needs a class-conditional checkpoint"),
+     (["metrics=[fid]", "guidance=2"], "guidance=2 needs a class-conditional checkpoint")],
+)  # fmt: skip
+def test_class_accuracy_or_guidance_of_an_unconditional_checkpoint(
+    tiny_ckpt, overrides, message, tmp_path
+):
+    from test_evaluate import evaluate
+
+    with pytest.raises(ConfigError, match=message):
+        evaluate([f"ckpt={tiny_ckpt}", *overrides], tmp_path / "out")
+    assert not (tmp_path / "out" / "metrics.json").exists()

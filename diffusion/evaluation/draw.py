@@ -61,3 +61,13 @@ def draw(
         )  # fmt: skip
         nfe = counter.nfe
     return torch.cat(batches), nfe
+
+
+def balanced_labels(n: int, num_classes: int, grouped: bool = False) -> torch.Tensor | None:
+    """Labels for ``n`` samples of a class-conditional model, as equal in number per class as
+    ``n`` allows: 0, 1, …, K-1, 0, 1, … or, ``grouped``, class-major (0, 0, …, 1, 1, …) for a
+    grid with one row per class. None for an unconditional model (num_classes = 0)."""
+    if not num_classes:
+        return None
+    labels = torch.arange(n) % num_classes
+    return labels.sort(stable=True).values if grouped else labels

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import save_image
 
 from diffusion.evaluation import plots
+from diffusion.evaluation.draw import balanced_labels
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,6 @@ def log_image(trainer: Trainer, key: str, grid: torch.Tensor, step: int) -> None
             logger.experiment.add_image(key, grid, global_step=step)
 
 
-def balanced_labels(n: int, num_classes: int, grouped: bool = False) -> torch.Tensor | None:
-    """Labels for ``n`` samples of a class-conditional model, as equal in number per class as
-    ``n`` allows: 0, 1, …, K-1, 0, 1, … or, ``grouped``, class-major (0, 0, …, 1, 1, …) for a
-    grid with one row per class. None for an unconditional model (num_classes = 0)."""
-    if not num_classes:
-        return None
-    labels = torch.arange(n) % num_classes
-    return labels.sort(stable=True).values if grouped else labels
-
-
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of training, sample ``n`` images
     with the EMA weights from a fixed seed, save ``{dirpath}/step_{step:06d}.png`` (and
@@ -45,8 +36,8 @@ class SampleGrid(Callback):
     ``strip_steps`` evenly spaced steps (x_t above the predicted x̂_0) is saved as
     ``denoise_<name>.png`` and logged as ``denoising`` (``strip_n=0`` turns it off).
 
-    A class-conditional model draws the grid per class (:func:`balanced_labels`, class-major):
-    one row per class, labelled with the class names.
+    A class-conditional model draws the grid per class, class-major
+    (diffusion.evaluation.draw.balanced_labels): one row per class, labelled with the names.
     """
 
     def __init__(
@@ -167,7 +158,7 @@ class FIDCallback(Callback):
     once per dataset and resolution and cached in ``cache_dir``. ``extractor`` is a config of the
     feature network (default: FID Inception, diffusion.metrics); when its weights are missing
     and ``skip_without_weights`` is set, the callback turns itself off with a warning.
-    A class-conditional model draws class-balanced labels (:func:`balanced_labels`), unguided.
+    A class-conditional model draws class-balanced labels (``balanced_labels``), unguided.
     """
 
     def __init__(
