@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,12 +34,11 @@ from diffusion.evaluation.draw import draw, to_uint8
 from diffusion.evaluation.likelihood import bounds
 from diffusion.training.data import to_model_range
 from experiments.fid_vs_nfe.bench import BATCH, reference_features
+from experiments.mnist_recipe import RECIPE, SHARED, STEPS, train_run, trained_steps
 
 HERE = Path(__file__).resolve().parent
-FID_VS_NFE = HERE.parent / "fid_vs_nfe"
-RESULTS = HERE / "results.json"
-SHARED = HERE.parents[1].parent / "shared" / "data"
 WEIGHTS = SHARED / "fid-inception" / M.WEIGHTS_NAME
+RESULTS = HERE / "results.json"
 
 ROWS = {  # name -> the overrides that make it (everything else is fid_vs_nfe's recipe)
     "eps_simple": [],
@@ -51,16 +48,7 @@ ROWS = {  # name -> the overrides that make it (everything else is fid_vs_nfe's 
     "v_min_snr": ["module.prediction=v", "loss_weight=min_snr"],
     "learned_hybrid": ["module.learn_sigma=true"],
 }
-RECIPE = [  # experiments/fid_vs_nfe/train.sh
-    "data=mnist", f"data.root={(FID_VS_NFE / 'data').relative_to(HERE.parents[1])}",
-    "data.num_workers=0",
-    "data.pin_memory=false", "data.val_fraction=0.02", "data.batch_size=64", "model=unet_small",
-    "T=1000", "schedule=linear", "optimizer.lr=1e-3", "module.warmup_steps=200",
-    "module.ema_decay=0.999", "trainer.max_steps=2800", "trainer.val_check_interval=700",
-    "trainer.log_every_n_steps=50", "callbacks.sample_grid.every_n_steps=0",
-    "callbacks.sample_grid.strip_n=0", "seed=0",
-]  # fmt: skip
-STEPS, HALF = 2800, 1400
+HALF = STEPS // 2
 SAMPLERS = {  # name -> a sampler node; FID rows at full budget
     "ddpm-50": {"_target_": "diffusion.samplers.chain.ddpm_ancestral", "_partial_": True,
                 "steps": 50, "variance": "beta", "clip_x0": True, "spacing": "uniform"},
@@ -80,32 +68,18 @@ def checkpoint(row: str, step: int | None = None) -> Path:
     return found[0] if found else folder / f"missing-step={step}.ckpt"
 
 
-def trained_steps(row: str) -> int:
-    path = checkpoint(row)
-    return int(torch.load(path, weights_only=True)["global_step"]) if path.exists() else 0
-
-
 def train(row: str) -> bool:
-    """Train one row with diffusion.train (a process of its own) to the full budget, resuming
-    its own last.ckpt if a run was stopped (SIGTERM saves one; the resume is exact). True when
-    the row has its full budget."""
-    if trained_steps(row) >= STEPS:
+    """Train one row to the full budget (resuming a stopped run), with a checkpoint also at
+    half the budget; True when the row has its full budget."""
+    run_dir = HERE / "run" / row
+    if trained_steps(run_dir) >= STEPS:
         return True
-    subprocess.run(
-        [sys.executable, str(FID_VS_NFE / "prepare_data.py"), str(SHARED / "mnist-t10k"),
-         str(FID_VS_NFE / "data")], check=True,
-    )  # fmt: skip
     half = ("+callbacks.half={_target_:lightning.pytorch.callbacks.ModelCheckpoint,"
-            f"dirpath:{HERE / 'run' / row / 'checkpoints'},every_n_train_steps:{HALF},"
-            "save_top_k:-1}")  # fmt: skip
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "diffusion.train", *RECIPE, *ROWS[row], half,
-         f"hydra.run.dir={HERE / 'run' / row}", "ckpt_path=last"], check=True, cwd=HERE.parents[1],
-    )  # fmt: skip
-    minutes = load_results()["rows"].get(row, {}).get("train_minutes", 0.0)
-    record(row, "train_minutes", round(minutes + (time.perf_counter() - start) / 60, 1))
-    return trained_steps(row) >= STEPS
+            f"dirpath:{run_dir / 'checkpoints'},every_n_train_steps:{HALF},save_top_k:-1}}")
+    minutes = train_run(run_dir, ROWS[row], [half])
+    before = load_results()["rows"].get(row, {}).get("train_minutes", 0.0)
+    record(row, "train_minutes", round(before + minutes, 1))
+    return trained_steps(run_dir) >= STEPS
 
 
 def load_results() -> dict:
