@@ -182,8 +182,9 @@ def class_accuracy(
     key = json.dumps({"data": OmegaConf.to_container(data_cfg, resolve=True),
                       "classifier": "SmallClassifier/v1"}, sort_keys=True)  # fmt: skip
     model, test_accuracy = cached_classifier(
-        key, split_items(data_cfg, "train", None, labels=True),
-        split_items(data_cfg, "val", None, labels=True), num_classes, cache_dir,
+        key, lambda: split_items(data_cfg, "train", None, labels=True),
+        lambda: split_items(data_cfg, "val", None, labels=True), samples.shape[1], num_classes,
+        cache_dir,
     )  # fmt: skip
     protocol = {"classifier": "SmallClassifier (2 conv blocks), 3 epochs on the training split",
                 "classifier_val_accuracy": test_accuracy}  # fmt: skip

@@ -10,6 +10,7 @@ class accuracy: a sample accuracy can only be read against the classifier's own.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,19 +74,18 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((predict(model, images) == labels.cpu()).float().mean())
 
 
+Split = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+"""Loads (uint8 images, labels) of one split when called."""
+
+
 def cached_classifier(
-    key: str,
-    train: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    num_classes: int,
-    cache_dir: str | Path,
+    key: str, train: Split, test: Split, channels: int, num_classes: int, cache_dir: str | Path
 ) -> tuple[SmallClassifier, float]:
-    """The classifier of ``key`` (dataset, resolution) and its test accuracy: trained on
-    ``train`` (images, labels) and measured on ``test`` the first time, then read from
-    ``cache_dir`` (plain tensors, loaded without running code)."""
+    """The classifier of ``key`` (dataset, resolution) and its test accuracy: trained on the
+    ``train`` split and measured on ``test`` the first time (each loaded only then), then read
+    from ``cache_dir`` (plain tensors, loaded without running code)."""
     name = hashlib.sha1(key.encode()).hexdigest()[:16]
     path = Path(cache_dir).expanduser() / f"classifier_{name}.pt"
-    channels = train[0].shape[1]
     if path.is_file():
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,8 +95,8 @@ def cached_classifier(
                 return model.eval(), float(entry["test_accuracy"])
         except Exception:
             pass  # unreadable or another classifier: train again
-    model = fit(*train, num_classes)
-    test_accuracy = accuracy(model, *test)
+    model = fit(*train(), num_classes)
+    test_accuracy = accuracy(model, *test())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key, "state_dict": model.state_dict(), "test_accuracy": test_accuracy}, tmp)
