@@ -9,13 +9,13 @@ class accuracy: a sample accuracy can only be read against the classifier's own.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from diffusion.evaluation.metrics import cached_entry
 from diffusion.training.data import to_model_range
 
 
@@ -84,21 +84,11 @@ def cached_classifier(
     """The classifier of ``key`` (dataset, resolution) and its test accuracy: trained on the
     ``train`` split and measured on ``test`` the first time (each loaded only then), then read
     from ``cache_dir`` (plain tensors, loaded without running code)."""
-    name = hashlib.sha1(key.encode()).hexdigest()[:16]
-    path = Path(cache_dir).expanduser() / f"classifier_{name}.pt"
-    if path.is_file():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            if entry.get("key") == key:
-                model = SmallClassifier(channels, num_classes)
-                model.load_state_dict(entry["state_dict"])
-                return model.eval(), float(entry["test_accuracy"])
-        except Exception:
-            pass  # unreadable or another classifier: train again
-    model = fit(*train(), num_classes)
-    test_accuracy = accuracy(model, *test())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "state_dict": model.state_dict(), "test_accuracy": test_accuracy}, tmp)
-    tmp.replace(path)
-    return model, test_accuracy
+    def compute() -> dict:
+        model = fit(*train(), num_classes)
+        return {"state_dict": model.state_dict(), "test_accuracy": accuracy(model, *test())}
+
+    entry = cached_entry(key, "classifier", compute, cache_dir)
+    model = SmallClassifier(channels, num_classes)
+    model.load_state_dict(entry["state_dict"])
+    return model.eval(), float(entry["test_accuracy"])

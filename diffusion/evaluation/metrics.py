@@ -141,23 +141,32 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return float(s.mean()), float(s.std()) if len(scores) > 1 else 0.0
 
 
+def cached_entry(
+    key: str, prefix: str, compute: Callable[[], dict], cache_dir: str | Path
+) -> dict:
+    """A dict of tensors and numbers computed once per ``key`` and kept in ``cache_dir`` as
+    ``{prefix}_<hash>.pt`` (read back without running code); a cache file that cannot be read,
+    or holds another key, is recomputed. Written atomically: a crash never leaves half a file."""
+    name = hashlib.sha1(key.encode()).hexdigest()[:16]
+    path = Path(cache_dir).expanduser() / f"{prefix}_{name}.pt"
+    if path.is_file():
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if entry.get("key") == key:
+                return entry
+        except Exception:
+            pass
+    entry = {"key": key, **compute()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(entry, tmp)
+    tmp.replace(path)
+    return entry
+
+
 def cached_reference_features(
     key: str, compute: Callable[[], torch.Tensor], cache_dir: str | Path
 ) -> torch.Tensor:
     """Reference features computed once per ``key`` (dataset, split, resolution, n, extractor)
     and kept in ``cache_dir``; a cache file that cannot be read is recomputed."""
-    name = hashlib.sha1(key.encode()).hexdigest()[:16]
-    path = Path(cache_dir).expanduser() / f"ref_{name}.pt"
-    if path.is_file():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            if entry.get("key") == key:
-                return entry["features"]
-        except Exception:
-            pass
-    features = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "features": features}, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written cache file
-    return features
+    return cached_entry(key, "ref", lambda: {"features": compute()}, cache_dir)["features"]
