@@ -21,21 +21,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t (Vaswani et al. 2017, as in DDPM): (B,) -> (B, dim)."""
+def timestep_embedding(
+    t: torch.Tensor,
+    dim: int,
+    max_period: float = 10000.0,
+    sin_first: bool = False,
+    freq_shift: float = 0.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding of t (Vaswani et al. 2017, as in DDPM): (B,) -> (B, dim).
+
+    [cos(t ω_i), sin(t ω_i)] with ω_i = max_period^(-i / (half - freq_shift)), i < half = dim // 2
+    (improved-diffusion's; diffusers' flip_sin_to_cos=True, freq_shift=0). DDPM's own code puts
+    the sines first and divides by half - 1: ``sin_first=True, freq_shift=1``.
+    """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
-    )
+    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(exponent / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    parts = [torch.sin(args), torch.cos(args)] if sin_first else [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts, dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
 
 
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
+def _norm(channels: int, groups: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels, eps=eps)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -82,14 +93,16 @@ class ResBlock(nn.Module):
     system, no measurable difference where it is kept (diffusion/allocator.py).
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int, eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            _norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1)
+            _norm(c_in, groups, eps), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1)
         )
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
         self.out_layers = nn.Sequential(
-            _norm(c_out, groups),
+            _norm(c_out, groups, eps),
             nn.SiLU(),
             Dropout(dropout, inplace=True),
             _zero(nn.Conv2d(c_out, c_out, 3, padding=1)),
@@ -105,12 +118,12 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H·W positions, with a residual connection."""
 
-    def __init__(self, channels: int, num_heads: int, groups: int) -> None:
+    def __init__(self, channels: int, num_heads: int, groups: int, eps: float = 1e-5) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
-        self.norm = _norm(channels, groups)
+        self.norm = _norm(channels, groups, eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
@@ -129,12 +142,16 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    """A stride-2 3×3 convolution, padded by one pixel on every side (``symmetric``), or on the
+    right and bottom only (``same``: TensorFlow's SAME padding, which DDPM's code used)."""
+
+    def __init__(self, channels: int, padding: str = "symmetric") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.same = padding == "same"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.same else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.same else x)
 
 
 class Upsample(nn.Module):
@@ -173,6 +190,11 @@ class UNet(nn.Module):
         num_classes: K > 0 makes the network class-conditional: a learned embedding of the class
             y ∈ {0, …, K-1} is added to the time embedding, and class K is the learned null class
             ∅ (Ho & Salimans 2022), which ``y=None`` means. 0: unconditional.
+        norm_eps: ε of every GroupNorm (DDPM's code: 1e-6).
+        sin_first, freq_shift: the time embedding's layout (:func:`timestep_embedding`).
+        downsample_padding: ``symmetric`` or ``same`` (:class:`Downsample`).
+        The last four only matter for weights made elsewhere (DDPM's released models through
+        diffusion.interchange); the defaults are improved-diffusion's.
     """
 
     def __init__(
@@ -188,6 +210,10 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         out_channels: int | None = None,
         num_classes: int = 0,
+        norm_eps: float = 1e-5,
+        sin_first: bool = False,
+        freq_shift: float = 0.0,
+        downsample_padding: str = "symmetric",
     ) -> None:
         super().__init__()
         check_image_size(image_size, len(channel_mult))
@@ -211,6 +237,16 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise ValueError(f"model.num_classes={num_classes!r} must be an integer >= 0")
+        if downsample_padding not in ("symmetric", "same"):
+            raise ValueError(
+                f"model.downsample_padding={downsample_padding!r} is invalid: use symmetric or same"
+            )
+        if not norm_eps > 0 or not 0 <= freq_shift < width // 2:
+            raise ValueError(
+                f"model.norm_eps={norm_eps!r} must be > 0 and model.freq_shift={freq_shift!r} in "
+                f"[0, {width // 2}) (half the embedding width)"
+            )
+        self.sin_first, self.freq_shift = bool(sin_first), float(freq_shift)
         self.image_size = image_size
         self.in_channels = in_channels
         emb_dim = 4 * width
@@ -221,11 +257,11 @@ class UNet(nn.Module):
         self.input_conv = nn.Conv2d(in_channels, width, 3, padding=1)
 
         def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, dropout, norm_groups)
+            return ResBlock(c_in, c_out, emb_dim, dropout, norm_groups, norm_eps)
 
         def attn(level: int, c: int) -> nn.Module:
             return (
-                AttentionBlock(c, num_heads, norm_groups)
+                AttentionBlock(c, num_heads, norm_groups, norm_eps)
                 if level in attention_levels
                 else nn.Identity()
             )
@@ -243,12 +279,12 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
             self.down.append(_Level(blocks, attns))
             last = level == len(channel_mult) - 1
-            self.downsample.append(nn.Identity() if last else Downsample(ch))
+            self.downsample.append(nn.Identity() if last else Downsample(ch, downsample_padding))
             if not last:
                 skip_channels.append(ch)
 
         self.mid_block1 = res(ch, ch)
-        self.mid_attn = AttentionBlock(ch, num_heads, norm_groups)
+        self.mid_attn = AttentionBlock(ch, num_heads, norm_groups, norm_eps)
         self.mid_block2 = res(ch, ch)
 
         self.up = nn.ModuleList()
@@ -264,7 +300,9 @@ class UNet(nn.Module):
 
         out_channels = in_channels if out_channels is None else out_channels
         self.out = nn.Sequential(
-            _norm(ch, norm_groups), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+            _norm(ch, norm_groups, norm_eps),
+            nn.SiLU(),
+            _zero(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
         # last, so that an unconditional network draws its initial weights exactly as before
         self.num_classes = num_classes
@@ -273,7 +311,9 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.width))
+        emb = self.time_mlp(
+            timestep_embedding(t, self.width, sin_first=self.sin_first, freq_shift=self.freq_shift)
+        )
         if self.class_emb is not None:
             if y is None:  # the null class ∅
                 y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
