@@ -27,6 +27,8 @@ from diffusion.errors import UserError
 from diffusion.processes.prediction import TARGETS
 from diffusion.training.module import DiffusionModule
 
+UNREADABLE = (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError)
+DIFFUSERS = "diffusers:"  #: ckpt=diffusers:<folder or hub id> imports a diffusers model
 TRUST_HINT = "if you trust its author, add trust_checkpoint=true"
 
 
@@ -77,17 +79,23 @@ def load_module(
     trust: bool = False,
 ) -> DiffusionModule:
     """The :class:`~diffusion.training.module.DiffusionModule` at ``path``, in eval mode on
-    ``device``, loaded without running code from the file unless ``trust``. ``prediction``, if
-    given, must be the target the checkpoint was trained for: a network trained to predict one
-    target cannot be read as another."""
-    path = Path(path).expanduser()
-    check_readable(path, trust)
-    try:
-        module = DiffusionModule.load_from_checkpoint(
-            path, map_location=torch.device(device), weights_only=not trust
-        )
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        raise _unreadable(path, err) from None
+    ``device``, loaded without running code from the file unless ``trust``; ``diffusers:<folder
+    or hub id>`` imports a diffusers model (diffusion.interchange). ``prediction``, if given,
+    must be the target the checkpoint was trained for: a network trained to predict one target
+    cannot be read as another."""
+    if str(path).startswith(DIFFUSERS):
+        from diffusion.interchange.folder import load
+
+        module = load(str(path), torch.device(device))
+    else:
+        path = Path(path).expanduser()
+        check_readable(path, trust)
+        try:
+            module = DiffusionModule.load_from_checkpoint(
+                path, map_location=torch.device(device), weights_only=not trust
+            )
+        except UNREADABLE as err:
+            raise _unreadable(path, err) from None
     trained = module.hparams.get("prediction", "eps")
     if prediction is not None and prediction != trained:
         raise UserError(
@@ -98,8 +106,32 @@ def load_module(
     return module.eval()
 
 
+# The module settings a run started from other weights takes from them (module.init_from).
+INIT_KEYS = ("net", "schedule", "T", "process", "prediction", "learn_sigma", "sigma_data")
+
+
+def init_source(spec: str, trust: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The settings (:data:`INIT_KEYS`, and ``image_shape``) and network weights a run started
+    with ``module.init_from=spec`` takes: a diffusers folder or hub id (``diffusers:…``), or a
+    checkpoint of ours (its EMA weights)."""
+    if spec.startswith(DIFFUSERS):
+        from diffusion.interchange.folder import module_settings
+
+        hparams, state, _ = module_settings(spec)
+    else:
+        module = load_module(spec, trust=trust)
+        hparams, state = dict(module.hparams), module.ema.module.state_dict()
+    keys = (*INIT_KEYS, "image_shape")
+    return {k: hparams.get(k) for k in keys if k in hparams}, state
+
+
+def checkpoint_id(ckpt: str) -> str:
+    """``ckpt`` as recorded in info files: a checkpoint's absolute path, or ``diffusers:…``."""
+    return ckpt if str(ckpt).startswith(DIFFUSERS) else str(Path(ckpt).expanduser().resolve())
+
+
 CHECKPOINT_FIELDS = {
-    "ckpt": Field("file"), "use_ema": Field("bool"), "trust_checkpoint": Field("bool"),
+    "ckpt": Field("checkpoint"), "use_ema": Field("bool"), "trust_checkpoint": Field("bool"),
     "prediction": Field("choice", choices=TARGETS, nullable=True), "device": Field("device"),
     "keep_freed_memory": Field("bool"), "seed": Field("int", 0), "out_dir": Field("dir"),
     "sampler": OPTIONAL_NODE, "paths": NODE,

@@ -76,12 +76,15 @@ def _field_error(key: str, value: Any, field: Field) -> str | None:
         return f"it must be >= {field.minimum:g}"
     if kind == "bool" and not isinstance(value, bool):
         return "it must be true or false"
-    if kind in ("str", "file", "dir", "device") and not isinstance(value, str):
+    if kind in ("str", "file", "dir", "device", "checkpoint") and not isinstance(value, str):
         return "it must be a string"
     if kind == "choice" and value not in field.choices:
         return f"choose one of {list(field.choices)}"
     if kind == "file" and not Path(value).expanduser().is_file():
         return "the file does not exist"
+    if kind == "checkpoint" and not value.startswith("diffusers:"):
+        if not Path(value).expanduser().is_file():
+            return "the file does not exist (a diffusers folder or hub id: diffusers:<…>)"
     if kind == "dir":
         return unwritable(value)
     if kind == "device":

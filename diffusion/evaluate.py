@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.allocator import keep_freed_memory
-from diffusion.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, pick_device
+from diffusion.checkpoints import CHECKPOINT_FIELDS, checkpoint_id, load_checkpoint, pick_device
 from diffusion.config import OPTIONAL_NODE, Field, build, build_loggers, check_fields
 from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.evaluation import metrics as M
@@ -109,7 +109,7 @@ def run(cfg: DictConfig, feature_extractor: M.FeatureFn | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result: dict = {
-        "ckpt": str(Path(cfg.ckpt).resolve()),
+        "ckpt": checkpoint_id(cfg.ckpt),
         "protocol": {"seed": cfg.seed, "use_ema": cfg.use_ema},
     }
 

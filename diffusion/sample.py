@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from diffusion.allocator import keep_freed_memory
-from diffusion.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, pick_device
+from diffusion.checkpoints import CHECKPOINT_FIELDS, checkpoint_id, load_checkpoint, pick_device
 from diffusion.config import Field, check_fields
 from diffusion.errors import ConfigError, exit_on_user_error
 from diffusion.evaluation import plots
@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
         fig = plots.denoising_strip(strip, cfg.strip_steps, title, module.process.time_text)
         fig.savefig(out / "denoise.png", dpi=plots.DPI)
     info = {
-        "ckpt": str(Path(cfg.ckpt).resolve()),
+        "ckpt": checkpoint_id(cfg.ckpt),
         "sampler": sampler or module.hparams.sampler,
         "nfe": nfe,
         "n": n,

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from diffusion.allocator import keep_freed_memory
-from diffusion.checkpoints import check_resumable
+from diffusion.checkpoints import check_resumable, init_source
 from diffusion.config import build, build_loggers, check_config
 from diffusion.errors import ConfigError, exit_on_user_error
 
@@ -57,8 +57,32 @@ def use_labels(module, datamodule) -> None:
     module.class_names = names
 
 
+def start_from(cfg: DictConfig) -> tuple[str, dict] | None:
+    """``module.init_from``: take the network, schedule, T, process and target of a diffusers
+    model (``diffusers:<folder or hub id>``) or a checkpoint into ``cfg.module`` (in place);
+    returns the spec and the weights to load into the built module, or None."""
+    spec = cfg.module.get("init_from")
+    if not spec:
+        return None
+    settings, state = init_source(str(spec), bool(cfg.get("trust_checkpoint")))
+    shape = [int(v) for v in cfg.module.image_shape]
+    trained = [int(v) for v in settings.pop("image_shape", shape)]
+    if trained != shape:
+        raise ConfigError(
+            f"module.init_from={spec!r} was trained on images of shape (C, H, W) = "
+            f"{tuple(trained)}, the data gives {tuple(shape)}: set data.image_size and "
+            "data.channels to match"
+        )
+    with open_dict(cfg):
+        for key, value in settings.items():
+            cfg.module[key] = value
+    log.info("module.init_from=%s: network, schedule, T and target taken from it", spec)
+    return str(spec), state
+
+
 def train(cfg: DictConfig) -> float | None:
     """Run one training described by a composed config; raises UserError on bad input."""
+    initial = start_from(cfg)
     check_config(cfg)
     resume_from = _resume_file(cfg)
     if resume_from is not None:
@@ -72,6 +96,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build(cfg.data, "data")
     datamodule.check()
     module = build(cfg.module, "module")
+    if initial is not None:
+        module.load_network(initial[1], initial[0])
     use_labels(module, datamodule)
     module.validate_sampler(module.hparams.sampler)  # now, not at the first grid hours later
     output_dir = Path(cfg.paths.output_dir)

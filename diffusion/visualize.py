@@ -112,7 +112,7 @@ def run_denoise(cfg: DictConfig, out: Path) -> list[Path]:
 
 
 FIELDS = {
-    **CHECKPOINT_FIELDS, "ckpt": Field("file", nullable=True),
+    **CHECKPOINT_FIELDS, "ckpt": Field("checkpoint", nullable=True),
     "mode": Field("choice", choices=MODES), "T": Field("int", 1), "n": Field("int", 1),
     "steps": Field("list", 0, nullable=True), "num_steps": Field("int", 2),
     "schedules": Field("list"), "gif_frames": Field("int", 1), "data": NODE, "schedule": NODE,

@@ -80,6 +80,15 @@ def cosine(T: int, s: float = 0.008, max_beta: float = MAX_BETA) -> torch.Tensor
     return beta.clamp(max=max_beta)
 
 
+def tabulated(T: int, beta: list[float]) -> torch.Tensor:
+    """β given value by value (a schedule made elsewhere: diffusers' ``trained_betas``, or any
+    of its formulas computed by diffusion.interchange); ``len(beta)`` must be T."""
+    _check_T(T)
+    if len(beta) != T:
+        raise ValueError(f"schedule.beta has {len(beta)} values, T={T}")
+    return torch.tensor(list(beta), dtype=torch.float64)
+
+
 def validate_beta(beta: torch.Tensor) -> torch.Tensor:
     """Check that ``beta`` is a usable schedule: 1-D, every β in (0, 1), so ᾱ strictly decreases.
 

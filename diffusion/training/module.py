@@ -88,6 +88,8 @@ class DiffusionModule(LightningModule):
         vlb_weight: λ of L_hybrid = L_simple + λ L_vlb.
         t_sampling: ``uniform``, or ``loss_aware`` importance sampling of t by the loss's second
             moment (Nichol & Dhariwal 2021, Sec. 3.3; for L_vlb; diffusion.training.time_sampling).
+        init_from: where the run's initial weights came from (``diffusers:<folder or hub id>``
+            or a checkpoint), recorded: ``diffusion.train`` loads them (:meth:`load_network`).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class DiffusionModule(LightningModule):
         t_sampling: str = "uniform",
         sigma_data: float = 0.5,
         cond_drop_prob: float = 0.1,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -159,6 +162,20 @@ class DiffusionModule(LightningModule):
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"module.cond_drop_prob={cond_drop_prob!r} must be in [0, 1)")
         self.class_names: list[str] | None = None  #: the data's, for a class-conditional net
+
+    def load_network(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Network weights from elsewhere (``source``: a diffusers model or another run) into the
+        network and its EMA copy; ConfigError naming the first weight that does not fit."""
+        for net in (self.net, self.ema.module):
+            own = net.state_dict()
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+            if missing or extra or wrong:
+                key = (missing or extra or wrong)[0]
+                shapes = f"has shape {tuple(state[key].shape)}, the model {tuple(own[key].shape)}"
+                why = "is missing" if missing else "is unexpected" if extra else shapes
+                raise ConfigError(f"{source!r}: the weights do not fit the model: {key!r} {why}")
+            net.load_state_dict(state)
 
     @property
     def num_classes(self) -> int:
