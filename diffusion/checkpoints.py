@@ -86,7 +86,10 @@ def load_module(
     if str(path).startswith(DIFFUSERS):
         from diffusion.interchange.folder import load
 
-        module = load(str(path), torch.device(device))
+        try:
+            module = load(str(path), torch.device(device))
+        except UserError as err:  # one line naming the key, whichever step refused
+            raise type(err)(f"ckpt={str(path)!r}: {err}") from None
     else:
         path = Path(path).expanduser()
         check_readable(path, trust)

@@ -22,7 +22,7 @@ from diffusion.config import NODE, Field, check_fields
 from diffusion.errors import ConfigError, exit_on_user_error
 
 FIELDS = {
-    "ckpt": Field("checkpoint"), "out": Field("str"), "overwrite": Field("bool"),
+    "ckpt": Field("checkpoint"), "out": Field("dir"), "overwrite": Field("bool"),
     "use_ema": Field("bool"), "trust_checkpoint": Field("bool"), "device": Field("device"),
     "paths": NODE,
 }  # fmt: skip

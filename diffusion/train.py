@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from diffusion.allocator import keep_freed_memory
 from diffusion.checkpoints import check_resumable, init_source
 from diffusion.config import build, build_loggers, check_config
-from diffusion.errors import ConfigError, exit_on_user_error
+from diffusion.errors import ConfigError, UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,14 @@ def start_from(cfg: DictConfig) -> tuple[str, dict] | None:
     """``module.init_from``: take the network, schedule, T, process and target of a diffusers
     model (``diffusers:<folder or hub id>``) or a checkpoint into ``cfg.module`` (in place);
     returns the spec and the weights to load into the built module, or None."""
-    spec = cfg.module.get("init_from")
+    module = cfg.get("module")
+    spec = module.get("init_from") if isinstance(module, DictConfig) else None  # else: checked
     if not spec:
         return None
-    settings, state = init_source(str(spec), bool(cfg.get("trust_checkpoint")))
+    try:
+        settings, state = init_source(str(spec), bool(cfg.get("trust_checkpoint")))
+    except UserError as err:  # one line naming the key, whichever step refused
+        raise ConfigError(f"module.init_from={spec!r}: {err}") from None
     shape = [int(v) for v in cfg.module.image_shape]
     trained = [int(v) for v in settings.pop("image_shape", shape)]
     if trained != shape:
@@ -97,7 +101,10 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.check()
     module = build(cfg.module, "module")
     if initial is not None:
-        module.load_network(initial[1], initial[0])
+        try:
+            module.load_network(initial[1])
+        except UserError as err:
+            raise ConfigError(f"module.init_from={initial[0]!r}: {err}") from None
     use_labels(module, datamodule)
     module.validate_sampler(module.hparams.sampler)  # now, not at the first grid hours later
     output_dir = Path(cfg.paths.output_dir)

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
-from diffusion import evaluate, sample, visualize
+from diffusion import evaluate, export, sample, visualize
 from diffusion.config import TRAIN_FIELDS, Field
 from diffusion.errors import UserError
 from diffusion.train import train
@@ -19,14 +19,14 @@ from conftest import TINY, compose_train, run_cli
 def bad_values(field: Field) -> list:
     """A wrong type and, where the key has a range or a set of options, a value outside it."""
     wrong_type = {"int": "abc", "float": "abc", "bool": "maybe", "str": 12, "choice": 3,
-                  "file": 3, "dir": 3, "device": 3, "list": "abc", "node": "abc",
+                  "file": 3, "checkpoint": 3, "dir": 3, "device": 3, "list": "abc", "node": "abc",
                   "labels": "abc"}  # fmt: skip
     out = [wrong_type[field.kind]]
     if field.kind in ("int", "float") and field.minimum is not None:
         out.append(field.minimum - 1)
     if field.kind == "choice":
         out.append("bogus")
-    if field.kind == "file":
+    if field.kind in ("file", "checkpoint"):
         out.append("/nonexistent/file.ckpt")
     if field.kind == "dir":
         out.append("/proc/no/such/folder")
@@ -50,6 +50,7 @@ def cases():
         "sample": (sample.FIELDS, sample.run),
         "evaluate": (evaluate.FIELDS, evaluate.run),
         "visualize": (visualize.FIELDS, visualize.visualize),
+        "export": (export.FIELDS, export.run),
     }
     for entry, (fields, _) in entries.items():
         for key, field in fields.items():
@@ -66,11 +67,13 @@ def base(entry: str, tiny_ckpt, tmp_path):
     if entry == "evaluate":
         return compose_entry("evaluate", [f"ckpt={tiny_ckpt}", "metrics=[bpd]", "bpd_n=1",
                                           f"cache_dir={tmp_path / 'cache'}", *out])  # fmt: skip
+    if entry == "export":
+        return compose_entry("export", [f"ckpt={tiny_ckpt}", f"out={tmp_path / 'out'}"])
     return compose_entry("visualize", ["mode=schedules", "T=20", *out])
 
 
 RUN = {"train": train, "sample": sample.run, "evaluate": evaluate.run,
-       "visualize": visualize.visualize}  # fmt: skip
+       "visualize": visualize.visualize, "export": export.run}  # fmt: skip
 
 
 @pytest.mark.parametrize("entry,key,value", list(cases()))
@@ -90,11 +93,11 @@ def test_every_key_of_every_entry_point_rejects_bad_values_in_one_line(
     assert not (tmp_path / "out").exists()  # nothing written
 
 
-@pytest.mark.parametrize("entry", ["train", "sample", "evaluate", "visualize"])
+@pytest.mark.parametrize("entry", ["train", "sample", "evaluate", "visualize", "export"])
 def test_every_top_level_key_is_declared(entry, tiny_ckpt, tmp_path):
     """A key added to an entry point's YAML without a Field fails every run of it."""
     fields = {"train": TRAIN_FIELDS, "sample": sample.FIELDS, "evaluate": evaluate.FIELDS,
-              "visualize": visualize.FIELDS}[entry]  # fmt: skip
+              "visualize": visualize.FIELDS, "export": export.FIELDS}[entry]  # fmt: skip
     cfg = base(entry, tiny_ckpt, tmp_path)
     assert set(cfg.keys()) - {"hydra"} <= set(fields)
     with open_dict(cfg):

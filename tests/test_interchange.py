@@ -287,6 +287,9 @@ def test_init_from_of_another_size_is_refused(tmp_path, tiny):
     cfg = compose_train([*tiny, f"module.init_from=diffusers:{tmp_path / 'pipe'}"], tmp_path / "r")
     with pytest.raises(ConfigError, match=r"module.init_from=.*\(1, 8, 8\).*\(1, 16, 16\)"):
         train(cfg)
+    cfg = compose_train([*tiny, "module.init_from=diffusers:/no/such"], tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"^module.init_from=.diffusers:/no/such.: no folder"):
+        train(cfg)
     assert not (tmp_path / "r").exists()
 
 
@@ -307,6 +310,19 @@ def test_export_cli_and_bad_input(tmp_path, tiny_ckpt, capsys, monkeypatch):
     out = tmp_path / "out"
     notes = run(config(f"out={out}"))
     assert notes == [] and (out / "model_index.json").is_file()
+    # the trained checkpoint in DDPMPipeline from the same generator: our ancestral sampler's
+    module = load_module(tiny_ckpt)
+    images = DDPMPipeline.from_pretrained(out)(
+        batch_size=2,
+        generator=torch.Generator().manual_seed(0),
+        num_inference_steps=20,
+        output_type="np",
+    ).images
+    gen = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, *module.image_shape, generator=gen)
+    ours = ddpm_ancestral(module.predictor(), x_T, module.process, generator=gen)
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(ours - images).max() < 1e-4
     card = (out / "README.md").read_text()
     assert "digits" in card.lower() and "T = 20" in card and "val/loss" in card
     (tmp_path / "full").mkdir()

@@ -187,14 +187,12 @@ def resolve(spec: str) -> Path:
     if path.is_dir():
         return path
     if not name or path.exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise ConfigError(
-            f"ckpt={spec!r}: no folder {name!r} here, and it is not a hub id (owner/name)"
-        )
+        raise ConfigError(f"no folder {name!r} here, and it is not a hub id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UserError(
-            f"ckpt={spec!r} is a hub id; downloading it needs huggingface_hub: {EXTRA}"
+            f"{name!r} is a hub id; downloading it needs huggingface_hub: {EXTRA}"
         ) from None
     try:
         return Path(snapshot_download(
@@ -202,7 +200,7 @@ def resolve(spec: str) -> Path:
         ))  # fmt: skip
     except Exception as err:  # offline, unknown repo, no access: one line
         raise UserError(
-            f"ckpt={spec!r}: {name!r} is not a folder here and cannot be downloaded from the hub "
+            f"{name!r} is not a folder here and cannot be downloaded from the hub "
             f"({type(err).__name__}); where there is network, `huggingface-cli download {name} "
             f"--local-dir DIR`, then ckpt=diffusers:DIR"
         ) from None
@@ -294,7 +292,7 @@ def load(spec: str, device: torch.device | str = "cpu"):
     try:
         module = DiffusionModule(**hparams)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"ckpt={spec!r} cannot be built here: {err}") from None
-    module.load_network(state, spec)
+        raise ConfigError(f"the model cannot be built here: {err}") from None
+    module.load_network(state)
     module.class_names = class_names
     return module.to(device).eval()

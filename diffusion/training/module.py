@@ -163,9 +163,9 @@ class DiffusionModule(LightningModule):
             raise ValueError(f"module.cond_drop_prob={cond_drop_prob!r} must be in [0, 1)")
         self.class_names: list[str] | None = None  #: the data's, for a class-conditional net
 
-    def load_network(self, state: Mapping[str, torch.Tensor], source: str) -> None:
-        """Network weights from elsewhere (``source``: a diffusers model or another run) into the
-        network and its EMA copy; ConfigError naming the first weight that does not fit."""
+    def load_network(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Network weights from elsewhere (a diffusers model, another run) into the network and
+        its EMA copy; ConfigError naming the first weight that does not fit."""
         for net in (self.net, self.ema.module):
             own = net.state_dict()
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -174,7 +174,7 @@ class DiffusionModule(LightningModule):
                 key = (missing or extra or wrong)[0]
                 shapes = f"has shape {tuple(state[key].shape)}, the model {tuple(own[key].shape)}"
                 why = "is missing" if missing else "is unexpected" if extra else shapes
-                raise ConfigError(f"{source!r}: the weights do not fit the model: {key!r} {why}")
+                raise ConfigError(f"the weights do not fit the model: {key!r} {why}")
             net.load_state_dict(state)
 
     @property
