@@ -424,3 +424,22 @@ def test_sample_entry_point_reads_a_diffusers_folder(tmp_path):
     assert torch.equal(images.permute(0, 3, 1, 2), to_uint8(expected))
     other, _ = draw(module, 4, 4, 1, None)  # control: another seed
     assert not torch.equal(images.permute(0, 3, 1, 2), to_uint8(other))
+
+
+def test_a_family_without_a_diffusers_scheduler_exports_its_unet(tmp_path):
+    """VE SDE: diffusers has no scheduler with its label, so only unet/ (no scheduler/, no
+    model_index.json), a note saying so, and diffusion_lab.json: the import is the same model."""
+    module = tiny_module(
+        process={"_target_": "diffusion.processes.sde.VESDE", "sigma_min": 0.01, "sigma_max": 50},
+        sampler={"_target_": "diffusion.samplers.sde.euler_maruyama", "_partial_": True},
+    )
+    notes = F.export(module, tmp_path / "out")
+    assert len(notes) == 1 and "no scheduler for process=ve_sde" in notes[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md", "diffusion_lab.json", "unet"
+    ]  # fmt: skip
+    back = load_module(f"diffusers:{tmp_path / 'out'}")
+    assert back.process.family == "ve_sde" and back.process.sigma_max == 50
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        assert torch.equal(back.predictor()(x, t).x0_hat, module.predictor()(x, t).x0_hat)
