@@ -217,6 +217,7 @@ MUST_MATCH = {
     "prediction": ("module.prediction", "eps"),
     "learn_sigma": ("module.learn_sigma", False),
     "sigma_data": ("module.sigma_data", 0.5),
+    "text_encoder": ("text_encoder", None),
 }
 
 

@@ -157,7 +157,8 @@ NODE, OPTIONAL_NODE = Field("node"), Field("node", nullable=True)
 TRAIN_FIELDS = {
     **{group: NODE for group in ("data", "model", "schedule", "process", "sampler", "trainer",
                                  "callbacks", "paths", "module", "optimizer", "loss_weight")},
-    "logger": OPTIONAL_NODE, "experiment": OPTIONAL_NODE, "T": Field("int", 1),
+    "logger": OPTIONAL_NODE, "experiment": OPTIONAL_NODE, "text_encoder": OPTIONAL_NODE,
+    "T": Field("int", 1),
     "seed": Field("int", 0), "ckpt_path": Field("str", nullable=True),
     "optimize_metric": Field("choice", choices=("val/loss", "val/fid", "val/kid")),
     "keep_freed_memory": Field("bool"), "trust_checkpoint": Field("bool"),

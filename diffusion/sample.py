@@ -1,6 +1,8 @@
 """Draw samples from a checkpoint: ``python -m diffusion.sample ckpt=<path> [sampler=ddim
 sampler.steps=50] n=64 seed=0``; from a class-conditional one, ``labels=[3,3,7] guidance=2``
-(one image per label) or ``labels=all n=8`` (n per class), grid.png then one row per class.
+(one image per label) or ``labels=all n=8`` (n per class), grid.png then one row per class;
+from a text-conditional one, ``prompt="a thin seven" guidance=3 n=16`` or ``prompts_file=F``
+(one prompt per line, n images each), grid.png then one row per prompt.
 
 Writes to the run directory (``outputs/samples/<time>/``, or ``out_dir=``):
 ``grid.png`` (the first ``grid_max`` samples), ``samples.npz`` (``images``: uint8
@@ -34,7 +36,8 @@ FIELDS = {
     **CHECKPOINT_FIELDS, "n": Field("int", 1), "batch_size": Field("int", 1),
     "grid_max": Field("int", 1), "save_images": Field("bool"), "strip_n": Field("int", 0),
     "strip_steps": Field("int", 1), "labels": Field("labels", nullable=True),
-    "guidance": Field("float", 0),
+    "guidance": Field("float", 0), "prompt": Field("str", nullable=True),
+    "prompts_file": Field("file", nullable=True),
 }  # fmt: skip
 """The top-level keys of ``python -m diffusion.sample``."""
 
@@ -48,7 +51,12 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("keep_freed_memory") and device.type == "cpu":
         keep_freed_memory()  # diffusion/allocator.py
     module = load_checkpoint(cfg, device)
-    labels = requested_labels(cfg, module)
+    prompts = requested_prompts(cfg, module)
+    if prompts is None:
+        labels, names = requested_labels(cfg, module), module.class_names
+    else:  # one row per prompt: the prompt's index is the image's "label" in the grid
+        labels, names = torch.arange(len(prompts)).repeat_interleave(cfg.n), prompts
+    per_image = None if prompts is None else [prompts[i] for i in labels.tolist()]
     n = cfg.n if labels is None else len(labels)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else None
     out = Path(cfg.out_dir)
@@ -56,18 +64,21 @@ def run(cfg: DictConfig) -> dict:
     strip = plots.TrajectoryRecorder(k=min(cfg.strip_n, n, cfg.batch_size)) if cfg.strip_n else None
     start = time.perf_counter()
     images, nfe = draw(module, n, cfg.batch_size, cfg.seed, sampler, cfg.use_ema, strip,
-                       labels=labels, guidance=cfg.guidance)  # fmt: skip
+                       labels=None if prompts else labels, guidance=cfg.guidance,
+                       prompts=per_image)  # fmt: skip
     seconds = time.perf_counter() - start
     pixels = to_uint8(images)
-    np.savez(out / "samples.npz", images=pixels.permute(0, 2, 3, 1).numpy(),
-             **({} if labels is None else {"labels": labels.numpy()}))  # fmt: skip
+    conditions = {} if labels is None else {"labels": labels.numpy()}
+    if per_image is not None:
+        conditions = {"prompts": np.array(per_image)}
+    np.savez(out / "samples.npz", images=pixels.permute(0, 2, 3, 1).numpy(), **conditions)
     if labels is None:
         grid = plots.to_grid(images[: cfg.grid_max])
         save_image(plots.upscale(grid, plots.VIEW_SIDE), out / "grid.png")
     else:
         title = f"{Path(cfg.ckpt).name}, guidance w = {cfg.guidance:g}"
         shown = slice(0, cfg.grid_max)
-        fig = plots.class_grid(images[shown], labels[shown], module.class_names, title)
+        fig = plots.class_grid(images[shown], labels[shown], names, title)
         fig.savefig(out / "grid.png", dpi=plots.DPI)
     if cfg.save_images:
         (out / "images").mkdir(exist_ok=True)
@@ -82,7 +93,8 @@ def run(cfg: DictConfig) -> dict:
         "sampler": sampler or module.hparams.sampler,
         "nfe": nfe,
         "n": n,
-        "labels": None if labels is None else labels.tolist(),
+        "labels": None if labels is None or prompts else labels.tolist(),
+        "prompts": prompts,
         "guidance": cfg.guidance,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
@@ -92,6 +104,40 @@ def run(cfg: DictConfig) -> dict:
     }
     (out / "info.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def requested_prompts(cfg: DictConfig, module) -> list[str] | None:
+    """The prompts asked for (``prompt=`` or ``prompts_file=``, one per line), or None; a
+    ConfigError for prompts the checkpoint cannot take, or labels or guidance without them."""
+    prompt, file = cfg.get("prompt"), cfg.get("prompts_file")
+    if prompt is not None and file is not None:
+        raise ConfigError(f"prompt={prompt!r} and prompts_file={file!r}: give one of them")
+    if prompt is None and file is None:
+        if module.text and cfg.get("labels") is not None:
+            raise ConfigError(
+                f"labels={OmegaConf.to_container(cfg.labels)!r} needs a class-conditional "
+                f"checkpoint; {Path(cfg.ckpt).name} takes prompts: prompt=\"…\" or prompts_file="
+            )
+        if module.text and cfg.guidance:
+            raise ConfigError(
+                f"guidance={cfg.guidance:g} needs prompt= or prompts_file= (what to draw); an "
+                "unconditional draw uses the empty prompt and is not guided"
+            )
+        return None
+    key, value = ("prompt", prompt) if prompt is not None else ("prompts_file", file)
+    if not module.text:
+        raise ConfigError(
+            f"{key}={value!r} needs a text-conditional checkpoint; {Path(cfg.ckpt).name} was "
+            "trained without text (text_encoder=null)"
+        )
+    if cfg.get("labels") is not None:
+        raise ConfigError(f"labels= and {key}= cannot be combined: a text model takes prompts")
+    prompts = [prompt] if prompt is not None else [
+        line.strip() for line in Path(file).expanduser().read_text().splitlines() if line.strip()
+    ]  # fmt: skip
+    if not prompts:
+        raise ConfigError(f"prompts_file={file!r} holds no prompt (one per line)")
+    return prompts
 
 
 def requested_labels(cfg: DictConfig, module) -> torch.Tensor | None:

@@ -38,7 +38,17 @@ log = logging.getLogger(__name__)
 
 def use_labels(module, datamodule) -> None:
     """A class-conditional model (``model.num_classes`` = K > 0) trains on the data's labels:
-    the data must have K classes; their names go into the checkpoint."""
+    the data must have K classes; their names go into the checkpoint. A text-conditional one
+    (``text_encoder=``) trains on the data's captions."""
+    if module.text:
+        if not datamodule.has_captions():
+            raise ConfigError(
+                "text_encoder= asks for a text-conditional model, but this data has no captions "
+                "(data=image_folder with a metadata.jsonl of file_name and text, or a .txt "
+                "beside each image); or drop text_encoder"
+            )
+        datamodule.captions = True
+        return
     k = getattr(module.net, "num_classes", 0)
     if not k:
         return

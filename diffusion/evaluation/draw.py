@@ -42,10 +42,12 @@ def draw(
     progress: bool = True,
     labels: torch.Tensor | None = None,
     guidance: float = 0.0,
+    prompts: list[str] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """``n`` samples in [-1, 1] on the CPU from a DiffusionModule, in batches, from one seed;
     returns them and the NFE per sample. ``strip`` records the trajectory of the first batch.
-    A class-conditional model draws sample i of class ``labels[i]`` with guidance w."""
+    A class-conditional model draws sample i of class ``labels[i]``, a text-conditional one for
+    ``prompts[i]``, with guidance w."""
     generator = torch.Generator().manual_seed(seed)
     batches, nfe = [], 0
     sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
@@ -54,10 +56,12 @@ def draw(
     for i, size in enumerate(bar):
         counter = NFECounter(bar, then=strip if i == 0 else None)
         mine = None if labels is None else labels[start : start + size]
+        my_prompts = None if prompts is None else prompts[start : start + size]
         start += size
         batches.append(
             module.sample(size, generator=generator, use_ema=use_ema, callback=counter,
-                          sampler=sampler, labels=mine, guidance=guidance).cpu()
+                          sampler=sampler, labels=mine, guidance=guidance,
+                          prompts=my_prompts).cpu()
         )  # fmt: skip
         nfe = counter.nfe
     return torch.cat(batches), nfe

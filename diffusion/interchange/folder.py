@@ -59,6 +59,11 @@ def export(module, out: str | Path, use_ema: bool = True, overwrite: bool = Fals
         )
     hp = dict(module.hparams)
     net = module.ema.module if use_ema else module.net
+    if module.text:
+        raise ConfigError(
+            "a text-conditional model (text_encoder=) cannot be exported: its cross-attention "
+            "U-Net and text encoder have no UNet2DModel equivalent"
+        )
     unet_config = U.unet_config(hp["net"], net)
     scheduler, notes = S.scheduler_config(module)
     weights = U.to_diffusers(net.state_dict())

@@ -141,6 +141,34 @@ class AttentionBlock(nn.Module):
         return x + self.proj(h)  # in x's layout (proj's output is channels_last-strided)
 
 
+class CrossAttention(nn.Module):
+    """Attention from the H·W positions to a context (B, L, D) of L tokens (a prompt's, from a
+    text encoder), with the padding masked out, and a residual connection; zero-initialised, so
+    a new cross-attention starts as the identity (Rombach et al. 2022, Saharia et al. 2022)."""
+
+    def __init__(
+        self, channels: int, context_dim: int, num_heads: int, groups: int, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(channels, groups, eps)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        B, C, H, W = x.shape
+        heads, d = self.num_heads, C // self.num_heads
+        q = self.q(self.norm(x)).flatten(2).transpose(1, 2).reshape(B, H * W, heads, d)
+        k, v = self.kv(context).reshape(B, context.shape[1], 2, heads, d).permute(2, 0, 3, 1, 4)
+        attend = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): real tokens
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=attend)
+        h = h.transpose(1, 2).reshape(B, H * W, C).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
 class Downsample(nn.Module):
     """A stride-2 3×3 convolution, padded by one pixel on every side (``symmetric``), or on the
     right and bottom only (``same``: TensorFlow's SAME padding, which DDPM's code used)."""
@@ -190,6 +218,8 @@ class UNet(nn.Module):
         num_classes: K > 0 makes the network class-conditional: a learned embedding of the class
             y ∈ {0, …, K-1} is added to the time embedding, and class K is the learned null class
             ∅ (Ho & Salimans 2022), which ``y=None`` means. 0: unconditional.
+        context_dim: D > 0 adds cross-attention to a context (B, L, D) (a prompt's tokens from a
+            text encoder, diffusion.nn.text) after each self-attention; 0: none.
         norm_eps: ε of every GroupNorm (DDPM's code: 1e-6).
         sin_first, freq_shift: the time embedding's layout (:func:`timestep_embedding`).
         downsample_padding: ``symmetric`` or ``same`` (:class:`Downsample`).
@@ -214,6 +244,7 @@ class UNet(nn.Module):
         sin_first: bool = False,
         freq_shift: float = 0.0,
         downsample_padding: str = "symmetric",
+        context_dim: int = 0,
     ) -> None:
         super().__init__()
         check_image_size(image_size, len(channel_mult))
@@ -307,9 +338,32 @@ class UNet(nn.Module):
         # last, so that an unconditional network draws its initial weights exactly as before
         self.num_classes = num_classes
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        # cross-attention beside each self-attention (also last, for the same reason)
+        if not isinstance(context_dim, int) or isinstance(context_dim, bool) or context_dim < 0:
+            raise ValueError(f"model.context_dim={context_dim!r} must be an integer >= 0")
+        self.context_dim = context_dim
+        self.cross = None
+        if context_dim:
+
+            def cross(attn: nn.Module) -> nn.Module:
+                if isinstance(attn, nn.Identity):
+                    return nn.Identity()
+                c = attn.norm.num_channels
+                return CrossAttention(c, context_dim, num_heads, norm_groups, norm_eps)
+
+            self.cross = nn.ModuleDict({
+                "down": nn.ModuleList(nn.ModuleList(map(cross, lvl.attns)) for lvl in self.down),
+                "mid": cross(self.mid_attn),
+                "up": nn.ModuleList(nn.ModuleList(map(cross, lvl.attns)) for lvl in self.up),
+            })  # fmt: skip
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         emb = self.time_mlp(
             timestep_embedding(t, self.width, sin_first=self.sin_first, freq_shift=self.freq_shift)
@@ -320,19 +374,33 @@ class UNet(nn.Module):
             emb = emb + self.class_emb(y)
         elif y is not None:
             raise ValueError("labels given to an unconditional network (model.num_classes=0)")
+        if (context is None) != (self.cross is None):
+            raise ValueError(
+                "a context needs cross-attention (model.context_dim > 0), and such a network "
+                "needs one" if context is not None else "this network needs a context (a prompt)"
+            )
+
+        def attend(attn: nn.Module, cross: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
+            h = attn(h)
+            return h if cross is None or isinstance(cross, nn.Identity) else cross(
+                h, context, context_mask
+            )  # fmt: skip
+
+        cross = self.cross
         h = self.input_conv(x)
         skips = [h]
-        for level, down in zip(self.down, self.downsample, strict=True):
-            for block, attn in zip(level.blocks, level.attns, strict=True):
-                h = attn(block(h, emb))
+        for i, (level, down) in enumerate(zip(self.down, self.downsample, strict=True)):
+            for j, (block, attn) in enumerate(zip(level.blocks, level.attns, strict=True)):
+                h = attend(attn, cross and cross["down"][i][j], block(h, emb))
                 skips.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
-        for level, up in zip(self.up, self.upsample, strict=True):
-            for block, attn in zip(level.blocks, level.attns, strict=True):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+        h = attend(self.mid_attn, cross and cross["mid"], self.mid_block1(h, emb))
+        h = self.mid_block2(h, emb)
+        for i, (level, up) in enumerate(zip(self.up, self.upsample, strict=True)):
+            for j, (block, attn) in enumerate(zip(level.blocks, level.attns, strict=True)):
+                h = attend(attn, cross and cross["up"][i][j], block(torch.cat([h, skips.pop()], 1), emb))
             h = up(h)
         return self.out(h)
 

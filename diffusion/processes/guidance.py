@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 
 ConditionalNetwork = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-"""``raw = net(input, label, y)``: y the classes (B,), None for the null class ∅."""
+"""``raw = net(input, label, y)``: y the classes (B,) or a prompt's token ids (B, L), None for
+the null condition ∅."""
 
 
 class Guided:
@@ -31,10 +32,11 @@ class Guided:
 
     Args:
         net: a class-conditional network ``net(input, label, y)``.
-        labels: the class of each example in the batches it will see, (B,); None draws from the
-            unconditional model (∅).
+        labels: the condition of each example in the batches it will see: classes (B,) or token
+            ids (B, L); None draws from the unconditional model (∅).
         guidance: w >= 0; 0 is the conditional model itself (one forward pass, bitwise).
-        null: the index of ∅ (the number of classes K).
+        null: ∅ as the network takes it: the null class K, or a condition row (the empty
+            prompt's token ids, (L,)) broadcast against ``labels``.
         mean_channels: with a learned variance, the channels of the mean (the first ones);
             None when every output channel is the mean.
     """
@@ -44,7 +46,7 @@ class Guided:
         net: ConditionalNetwork,
         labels: torch.Tensor | None,
         guidance: float,
-        null: int,
+        null: int | torch.Tensor,
         mean_channels: int | None = None,
     ) -> None:
         if not guidance >= 0:
@@ -58,7 +60,7 @@ class Guided:
         labels = None if self.labels is None else self.labels.to(inputs.device)
         if self.guidance == 0:
             return self.net(inputs, label, labels)
-        null = torch.full_like(labels, self.null)
+        null = torch.as_tensor(self.null, device=labels.device).expand_as(labels)
         both = self.net(torch.cat([inputs, inputs]), torch.cat([label, label]),
                         torch.cat([labels, null]))  # fmt: skip
         cond, uncond = both.chunk(2)

@@ -37,7 +37,9 @@ class SampleGrid(Callback):
     ``denoise_<name>.png`` and logged as ``denoising`` (``strip_n=0`` turns it off).
 
     A class-conditional model draws the grid per class, class-major
-    (diffusion.evaluation.draw.balanced_labels): one row per class, labelled with the names.
+    (diffusion.evaluation.draw.balanced_labels): one row per class, labelled with the names; a
+    text-conditional one, one row per prompt, the first distinct captions of the validation
+    set (at most ``max_prompts``), labelled with them.
     """
 
     def __init__(
@@ -48,8 +50,10 @@ class SampleGrid(Callback):
         seed: int = 0,
         strip_n: int = 4,
         strip_steps: int = 10,
+        max_prompts: int = 8,
     ) -> None:
         super().__init__()
+        self.max_prompts = max_prompts
         if n < 1 or not 0 <= strip_n <= n:
             raise ValueError(f"SampleGrid needs n >= 1 and 0 <= strip_n <= n, got {n}, {strip_n}")
         self.dirpath = Path(dirpath)
@@ -72,7 +76,8 @@ class SampleGrid(Callback):
         x_T = torch.randn(
             (self.n, *module.image_shape), generator=torch.Generator().manual_seed(self.seed)
         )
-        labels = balanced_labels(self.n, module.num_classes, grouped=True)
+        names = self._conditions(trainer, module)
+        labels = balanced_labels(self.n, len(names or ()), grouped=True)
         share = -(-self.n // world)  # ceil: every rank samples as many (padding), for all_gather
         mine = x_T[rank::world]
         mine = torch.cat([mine, x_T[: share - len(mine)]]) if len(mine) < share else mine
@@ -82,8 +87,12 @@ class SampleGrid(Callback):
             my_labels = torch.cat([my_labels, labels[: share - len(my_labels)]])
         recorder = plots.TrajectoryRecorder(k=min(self.strip_n, share)) if self.strip_n else None
         generator = torch.Generator().manual_seed(self.seed + rank)  # the sampler's own noise
+        condition = {}
+        if my_labels is not None:
+            condition = ({"prompts": [names[i] for i in my_labels.tolist()]} if module.text
+                         else {"labels": my_labels})  # fmt: skip
         images = module.sample(share, generator=generator, callback=recorder, x_T=mine,
-                               labels=my_labels)  # fmt: skip
+                               **condition)  # fmt: skip
         if world > 1:
             gathered = trainer.strategy.all_gather(images)  # (world, share, C, H, W)
             images = gathered.transpose(0, 1).reshape(-1, *images.shape[1:])[: self.n]
@@ -95,8 +104,8 @@ class SampleGrid(Callback):
         if labels is None:
             save_image(plots.upscale(grid, plots.VIEW_SIDE), path)
         else:
-            names = module.class_names or [str(c) for c in range(module.num_classes)]
-            title = f"Samples per class at step {trainer.global_step} (EMA)"
+            kind = "prompt" if module.text else "class"
+            title = f"Samples per {kind} at step {trainer.global_step} (EMA)"
             fig = plots.class_grid(images.cpu(), labels, names, title)
             fig.savefig(path, dpi=plots.DPI)
             grid = plots.figure_to_tensor(fig)
@@ -107,6 +116,22 @@ class SampleGrid(Callback):
             fig = plots.denoising_strip(recorder, self.strip_steps, title, module.process.time_text)
             fig.savefig(self.dirpath / f"denoise_{name}.png", dpi=plots.DPI)
             log_image(trainer, "denoising", plots.figure_to_tensor(fig), trainer.global_step)
+
+    def _conditions(self, trainer: Trainer, module: LightningModule) -> list[str] | None:
+        """The row names: the classes, the prompts (validation captions), or None."""
+        if module.num_classes:
+            return module.class_names or [str(c) for c in range(module.num_classes)]
+        if not module.text:
+            return None
+        val = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule else None
+        captions = []
+        for i in getattr(val, "indices", range(len(val) if val is not None else 0)):
+            caption = val.dataset.targets[i] if hasattr(val, "dataset") else val.targets[i]
+            if caption not in captions:
+                captions.append(caption)
+            if len(captions) == min(self.max_prompts, self.n):
+                break
+        return captions or [""]
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
         step = trainer.global_step
@@ -238,6 +263,22 @@ class FIDCallback(Callback):
 
             self.reference = metrics.cached_reference_features(key, compute, self.cache_dir)
         return self.reference
+
+    def _conditions(self, trainer: Trainer, module: LightningModule) -> list[str] | None:
+        """The row names: the classes, the prompts (validation captions), or None."""
+        if module.num_classes:
+            return module.class_names or [str(c) for c in range(module.num_classes)]
+        if not module.text:
+            return None
+        val = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule else None
+        captions = []
+        for i in getattr(val, "indices", range(len(val) if val is not None else 0)):
+            caption = val.dataset.targets[i] if hasattr(val, "dataset") else val.targets[i]
+            if caption not in captions:
+                captions.append(caption)
+            if len(captions) == min(self.max_prompts, self.n):
+                break
+        return captions or [""]
 
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
         step = trainer.global_step

@@ -1,8 +1,9 @@
 """Image data modules. Each yields batches of uint8 images (B, C, H, W), or (images, labels) for
 a class-conditional model (``labels = True``, set by ``diffusion.train`` when the model has
-classes); the scaling to [-1, 1] and the random horizontal flip happen on the batch, on its
+classes), or (images, captions) for a text-conditional one (``captions = True``); the scaling to [-1, 1] and the random horizontal flip happen on the batch, on its
 device, in :meth:`ImageDataModule.on_after_batch_transfer`. :meth:`ImageDataModule.class_names`
-names the classes (cheaply, before any loading), None for data without labels.
+names the classes (cheaply, before any loading), None for data without labels;
+:meth:`ImageDataModule.has_captions` says whether the data has captions.
 
 ``digits`` (scikit-learn's 1,797 bundled 8×8 digits, offline), ``mnist``, ``fashion_mnist`` and
 ``cifar10`` (torchvision; downloaded on first use) are held in memory as one uint8 tensor;
@@ -12,6 +13,7 @@ names the classes (cheaply, before any loading), None for data without labels.
 from __future__ import annotations
 
 import abc
+import json
 import logging
 import pickle
 import warnings
@@ -37,11 +39,16 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class TensorImages(Dataset):
-    """A uint8 tensor (N, C, H, W) as a dataset of images, or of (image, label) pairs when
-    ``with_labels`` is set (``targets``: the class of each image, (N,) int64)."""
+    """A uint8 tensor (N, C, H, W) as a dataset of images, or of (image, condition) pairs when
+    ``with_labels`` is set (``targets``: the class of each image, (N,) int64, or its caption)."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> None:
-        self.images, self.targets = images, targets
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        captions: list[str] | None = None,
+    ) -> None:
+        self.images, self.targets, self.captions = images, targets, captions
         self.with_labels = False
 
     def __len__(self) -> int:
@@ -126,10 +133,15 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         self._position = (0, 0)  # (epoch, training batches consumed in it)
         self._resume_at: tuple[int, int] | None = None
         self.labels = False  #: yield (images, labels): set for a class-conditional model
+        self.captions = False  #: yield (images, captions): set for a text-conditional model
 
     def class_names(self) -> list[str] | None:
         """The names of the classes, in label order; None when the data has no labels."""
         return None
+
+    def has_captions(self) -> bool:
+        """Whether the images have captions (cheaply, before any loading)."""
+        return False
 
     @abc.abstractmethod
     def load(self) -> Dataset:
@@ -147,6 +159,10 @@ class ImageDataModule(LightningDataModule, abc.ABC):
             if getattr(full, "targets", None) is None:
                 raise DataError("this data has no labels for a class-conditional model")
             full.with_labels = True
+        if self.captions:
+            if getattr(full, "captions", None) is None:
+                raise DataError("this data has no captions for a text-conditional model")
+            full.targets, full.with_labels = full.captions, True  # yield (image, caption)
         n_val = max(1, round(len(full) * self.val_fraction))
         if len(full) - n_val < 1:
             raise DataError(
@@ -319,6 +335,7 @@ class TorchvisionDataModule(ImageDataModule):
         return torch.cat(arrays), torch.cat(labels)
 
 
+METADATA = "metadata.jsonl"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -332,8 +349,9 @@ class FolderImages(Dataset):
         channels: int,
         on_corrupt: str,
         targets: torch.Tensor | None = None,
+        captions: list[str] | None = None,
     ) -> None:
-        self.files = files
+        self.files, self.captions = files, captions
         self.image_size = image_size
         self.mode = "L" if channels == 1 else "RGB"
         self.on_corrupt = on_corrupt
@@ -373,7 +391,9 @@ class FolderImages(Dataset):
 class ImageFolderDataModule(ImageDataModule):
     """Any folder of images (searched recursively), resized and centre-cropped to ``image_size``.
     With one subfolder per class and every image inside one (torchvision's ImageFolder layout),
-    the subfolders, sorted, are the classes.
+    the subfolders, sorted, are the classes. Captions, for a text-conditional model: a
+    ``metadata.jsonl`` at the root (one ``{"file_name": …, "text": …}`` per line, the layout of
+    Hugging Face's imagefolder), or a ``.txt`` beside each image (same name).
 
     Args:
         root: the folder.
@@ -410,6 +430,45 @@ class ImageFolderDataModule(ImageDataModule):
             return None
         return names
 
+    def has_captions(self) -> bool:
+        if (self.root / METADATA).is_file():
+            return True
+        return self.root.is_dir() and any(f.with_suffix(".txt").is_file() for f in self._files())
+
+    def read_captions(self, files: list[Path]) -> list[str] | None:
+        """The caption of each file (metadata.jsonl, else .txt files), or None without any; a
+        DataError naming a caption whose image is missing, or an image without a caption."""
+        metadata = self.root / METADATA
+        if metadata.is_file():
+            by_file = {}
+            for number, line in enumerate(metadata.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    name, text = entry["file_name"], entry["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(
+                        f"{metadata}:{number} is not a JSON object with file_name and text"
+                    ) from None
+                if not (self.root / name).is_file():
+                    raise DataError(f"{metadata}:{number} names {name!r}, which is not an image "
+                                    f"under {self.root}")  # fmt: skip
+                by_file[(self.root / name).resolve()] = str(text)
+            captions = [by_file.get(f.resolve()) for f in files]
+        else:
+            captions = [f.with_suffix(".txt").read_text().strip() if f.with_suffix(".txt")
+                        .is_file() else None for f in files]  # fmt: skip
+            if all(c is None for c in captions):
+                return None
+        missing = [f for f, c in zip(files, captions, strict=True) if c is None]
+        if missing:
+            raise DataError(
+                f"{len(missing)} image(s) under {self.root} have no caption (first: "
+                f"{missing[0].relative_to(self.root)}); caption every image, or move it out"
+            )
+        return captions
+
     def load(self) -> Dataset:
         self.check()
         files = self._files()
@@ -423,7 +482,10 @@ class ImageFolderDataModule(ImageDataModule):
         if names is not None:
             index = {name: i for i, name in enumerate(names)}
             targets = torch.tensor([index[f.relative_to(self.root).parts[0]] for f in files])
-        return FolderImages(files, self.image_size, self.channels, self.on_corrupt, targets)
+        captions = self.read_captions(files) if self.captions else None
+        return FolderImages(
+            files, self.image_size, self.channels, self.on_corrupt, targets, captions
+        )
 
 
 __all__ = [

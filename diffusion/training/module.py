@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion.compat import upgrade
 from diffusion.errors import ConfigError, NonFiniteLossError
+from diffusion.nn.text import TextConditioned
 from diffusion.processes.ddpm import GaussianDiffusion
 from diffusion.processes.guidance import Guided
 from diffusion.processes.prediction import Predictor, make_target
@@ -88,6 +89,10 @@ class DiffusionModule(LightningModule):
         vlb_weight: λ of L_hybrid = L_simple + λ L_vlb.
         t_sampling: ``uniform``, or ``loss_aware`` importance sampling of t by the loss's second
             moment (Nichol & Dhariwal 2021, Sec. 3.3; for L_vlb; diffusion.training.time_sampling).
+        text_encoder: a text encoder node (``conf/text_encoder/``): the network is conditioned
+            on prompts through cross-attention at its attention levels (``model.context_dim`` is
+            the encoder's width; diffusion.nn.text), captions dropped to the empty prompt with
+            ``cond_drop_prob``. None: no text.
         init_from: where the run's initial weights came from (``diffusers:<folder or hub id>``
             or a checkpoint), recorded: ``diffusion.train`` loads them (:meth:`load_network`).
     """
@@ -119,6 +124,7 @@ class DiffusionModule(LightningModule):
         sigma_data: float = 0.5,
         cond_drop_prob: float = 0.1,
         init_from: str | None = None,
+        text_encoder: Mapping | None = None,
     ) -> None:
         super().__init__()
         net, schedule, optimizer = _plain(net), _plain(schedule), _plain(optimizer)
@@ -134,13 +140,15 @@ class DiffusionModule(LightningModule):
         )
         if isinstance(loss_weight, Mapping | DictConfig):
             loss_weight = _plain(loss_weight)
+        text_encoder = _plain(text_encoder) if text_encoder is not None else None
         image_shape = list(image_shape)
         self.save_hyperparameters()
         self.target = make_target(prediction, sigma_data)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # a learned variance doubles the output channels (Nichol & Dhariwal 2021)
         extra = {"out_channels": 2 * image_shape[0]} if learn_sigma else {}
-        self.net = instantiate(net, **extra).to(memory_format=self.memory_format)
+        self.net = self._network(net, extra, text_encoder)
+        self.net.to(memory_format=self.memory_format)
         self.ema = EMA(self.net, ema_decay, ema_warmup)
         # A compiled bound method, not a module: it must not enter the state_dict a second time.
         self._compiled_forward = torch.compile(self.net.forward) if compile else None
@@ -162,6 +170,27 @@ class DiffusionModule(LightningModule):
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"module.cond_drop_prob={cond_drop_prob!r} must be in [0, 1)")
         self.class_names: list[str] | None = None  #: the data's, for a class-conditional net
+
+    @staticmethod
+    def _network(net: dict, extra: dict, text_encoder: dict | None) -> torch.nn.Module:
+        """The network of ``net``; with a text encoder, conditioned on prompts through
+        cross-attention of the encoder's width (diffusion.nn.text)."""
+        if text_encoder is None:
+            return instantiate(net, **extra)
+        encoder = instantiate(text_encoder)
+        given = net.get("context_dim") or 0
+        if given and given != encoder.width:
+            raise ConfigError(
+                f"model.context_dim={given} but the text encoder's width is {encoder.width}: "
+                "leave model.context_dim=0 (it follows the encoder) or make them equal"
+            )
+        unet = instantiate(net, **extra, context_dim=encoder.width)
+        return TextConditioned(unet, encoder)
+
+    @property
+    def text(self) -> bool:
+        """Conditioned on prompts (``text_encoder``)."""
+        return bool(getattr(self.net, "text", False))
 
     def load_network(self, state: Mapping[str, torch.Tensor]) -> None:
         """Network weights from elsewhere (a diffusers model, another run) into the network and
@@ -218,29 +247,51 @@ class DiffusionModule(LightningModule):
             raise ConfigError(f"sampler: {err}") from None
 
     def predictor(
-        self, use_ema: bool = True, labels: torch.Tensor | None = None, guidance: float = 0.0
+        self,
+        use_ema: bool = True,
+        labels: torch.Tensor | None = None,
+        guidance: float = 0.0,
+        prompts: list[str] | None = None,
     ) -> Predictor:
         """The network (EMA or raw) seen through the process and its prediction target; for a
-        class-conditional network, at ``labels`` (None: the null class ∅) with classifier-free
+        conditional network, at ``labels`` (class-conditional) or ``prompts`` (text-conditional)
+        — None: the null condition ∅ (the null class, the empty prompt) — with classifier-free
         guidance ``guidance`` = w (diffusion.processes.guidance)."""
         net = self.ema if use_ema else self.net
-        k = self.num_classes
-        if not k:
-            if labels is not None or guidance:
-                raise ValueError(
-                    "labels and guidance need a class-conditional model; this one was trained "
-                    "without classes (model.num_classes=0)"
-                )
+        condition, null = self.condition(labels, prompts, guidance)
+        if null is None:
             return Predictor(net, self.process, self.target, self.hparams.learn_sigma)
+        channels = self.image_shape[0] if self.hparams.learn_sigma else None
+        guided = Guided(net, condition, guidance, null=null, mean_channels=channels)
+        return Predictor(guided, self.process, self.target, self.hparams.learn_sigma)
+
+    def condition(
+        self, labels: Any = None, prompts: list[str] | None = None, guidance: float = 0.0
+    ) -> tuple[torch.Tensor | None, torch.Tensor | int | None]:
+        """(the condition of each image as the network takes it, the null condition ∅), or
+        (None, None) for an unconditional network; ValueError for a condition it cannot take."""
+        k = self.num_classes
+        if prompts is not None and not self.text:
+            raise ValueError("prompts need a text-conditional model (trained with text_encoder=)")
+        if labels is not None and not k:
+            raise ValueError(
+                "labels need a class-conditional model; this one was trained without classes "
+                "(model.num_classes=0)"
+            )
+        if self.text:
+            ids = None if prompts is None else self.net.tokenize(list(prompts)).to(self.device)
+            return ids, self.net.null()
+        if not k:
+            if guidance:
+                raise ValueError("guidance needs a conditional model (classes or prompts)")
+            return None, None
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long)
             if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < k:
                 raise ValueError(f"labels must be in [0, {k}) for this model's {k} classes, got "
                                  f"{sorted(set(labels.tolist()) - set(range(k)))}")  # fmt: skip
             labels = labels.to(self.device)
-        channels = self.image_shape[0] if self.hparams.learn_sigma else None
-        guided = Guided(net, labels, guidance, null=k, mean_channels=channels)
-        return Predictor(guided, self.process, self.target, self.hparams.learn_sigma)
+        return labels, k
 
     # ----- training -----------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
@@ -250,9 +301,11 @@ class DiffusionModule(LightningModule):
         x0 = x0.contiguous(memory_format=self.memory_format)
         net = self._compiled_forward or self.net
         with seeded(seed, self.device):
-            if y is not None:  # labels dropped to ∅ with probability p_uncond
+            if y is not None:  # labels or captions dropped to ∅ with probability p_uncond
+                y, null = self.condition_batch(y)
                 drop = torch.rand(y.shape[0], device=y.device) < self.hparams.cond_drop_prob
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+                drop = drop.reshape(-1, *([1] * (y.ndim - 1)))
+                y = torch.where(drop, torch.as_tensor(null, device=y.device), y)
             if self.time_sampler is None:
                 loss = self.objective(net, x0, y=y).mean()
             else:  # t ~ p_t, each loss weighted by 1 / (T p_t) (diffusion.training.time_sampling)
@@ -279,6 +332,12 @@ class DiffusionModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def condition_batch(self, y: torch.Tensor | list[str]) -> tuple[torch.Tensor, Any]:
+        """A batch's conditions as the network takes them (captions tokenized), and ∅."""
+        if self.text:
+            return self.net.tokenize(list(y)).to(self.device), self.net.null()
+        return y, self.num_classes
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # The EMA follows each optimizer step here, not in on_train_batch_end: callbacks (the
         # checkpoint among them) run that hook before the module, so a checkpoint written there
@@ -290,6 +349,8 @@ class DiffusionModule(LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         # Fixed t's and noise seeded by the batch index: the same numbers for the same weights.
         x0, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        if y is not None:
+            y = self.condition_batch(y)[0]
         generator = torch.Generator().manual_seed(batch_idx)
         x0 = x0.contiguous(memory_format=self.memory_format)
         losses = []
@@ -339,6 +400,7 @@ class DiffusionModule(LightningModule):
         x_T: torch.Tensor | None = None,
         labels: torch.Tensor | list[int] | None = None,
         guidance: float = 0.0,
+        prompts: list[str] | None = None,
     ) -> torch.Tensor:
         """Draw ``n`` images in [-1, 1], shape (n, C, H, W).
 
@@ -346,10 +408,12 @@ class DiffusionModule(LightningModule):
         with); ``generator`` (a CPU generator) fixes the initial noise x_T ~ N(0, I) and the
         sampler's noise, or ``x_T`` gives the initial noise directly. A class-conditional model
         draws image i of class ``labels[i]`` (n labels; None: unconditional, the null class)
-        with classifier-free guidance ``guidance`` = w ≥ 0 (0: the conditional model).
+        with classifier-free guidance ``guidance`` = w ≥ 0 (0: the conditional model); a
+        text-conditional one draws image i for ``prompts[i]`` (None: the empty prompt).
         """
-        if labels is not None and len(labels) != n:
-            raise ValueError(f"{len(labels)} labels for {n} images: give one label per image")
+        for name, given in (("labels", labels), ("prompts", prompts)):
+            if given is not None and len(given) != n:
+                raise ValueError(f"{len(given)} {name} for {n} images: give one per image")
         model = self.ema if use_ema else self.net
         was_training = model.training
         # channels_last convolutions sample about 2x faster on the CPU (experiments/fid_vs_nfe)
@@ -364,7 +428,7 @@ class DiffusionModule(LightningModule):
         if generator is not None and self.device.type != "cpu":
             seed = int(torch.randint(2**62, (1,), generator=generator))
             device_gen = torch.Generator(self.device).manual_seed(seed)
-        model = self.predictor(use_ema, labels, guidance)
+        model = self.predictor(use_ema, labels, guidance, prompts)
         x0 = sample_fn(model, x_T, self.process, generator=device_gen, callback=callback)
         network = self.ema if use_ema else self.net
         network.train(was_training).to(memory_format=self.memory_format)

@@ -1,0 +1,127 @@
+"""Text conditioning: prompts → token ids → a text encoder → the U-Net's cross-attention.
+
+A prompt batch travels as token ids (B, L), L the encoder's ``max_length``, padded with
+:data:`PAD` = -1, so that conditions of any kind are one tensor per batch that guidance can
+concatenate (diffusion.processes.guidance; the null condition is the empty prompt ""). The
+encoder turns ids into a context (B, L, D) and a mask (B, L) of the real tokens; the U-Net
+attends to the context at its attention levels (diffusion.nn.unet, ``context_dim`` = D), with
+padding masked out, as in Imagen and Stable Diffusion.
+
+``ByteEncoder`` (``text_encoder=bytes``): a small pre-norm transformer over UTF-8 bytes, trained
+with the U-Net; it needs no files, so it is the offline default. Every prompt starts with a BOS
+token, so the empty prompt has one token to attend to.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PAD = -1  #: token id of padding in a batch of prompts
+
+
+class Truncation:
+    """Warns, once per prompt (and for at most ``limit`` prompts), that a prompt was cut."""
+
+    def __init__(self, limit: int = 10) -> None:
+        self.seen: set[str] = set()
+        self.limit = limit
+
+    def __call__(self, prompt: str, kept: int, max_length: int, unit: str) -> None:
+        if prompt in self.seen or len(self.seen) > self.limit:
+            return
+        self.seen.add(prompt)
+        if len(self.seen) > self.limit:
+            log.warning("more prompts are truncated; they are not reported one by one")
+            return
+        truncated(prompt, kept, max_length, unit)
+
+
+def truncated(prompt: str, kept: int, max_length: int, unit: str) -> None:
+    log.warning(
+        "prompt truncated to the text encoder's context: %r has more than %d %s "
+        "(text_encoder.max_length=%d), the rest is ignored",
+        prompt[:60] + ("…" if len(prompt) > 60 else ""), kept, unit, max_length,
+    )  # fmt: skip
+
+
+class ByteEncoder(nn.Module):
+    """Prompts as UTF-8 bytes through a transformer encoder: (B, L) ids -> (B, L, width).
+
+    Ids: 0 (unused), 1 BOS, 2 + b for byte b. Args: ``width`` (D, the U-Net's context_dim),
+    ``depth`` layers of ``heads`` heads, ``max_length`` tokens (BOS included).
+    """
+
+    def __init__(self, width: int = 128, depth: int = 2, heads: int = 4, max_length: int = 64):
+        super().__init__()
+        if width < 1 or depth < 1 or heads < 1 or width % heads:
+            raise ValueError(
+                f"text_encoder.width={width} must split into text_encoder.heads={heads}, "
+                f"and text_encoder.depth={depth} be >= 1"
+            )
+        if max_length < 2:
+            raise ValueError(f"text_encoder.max_length={max_length} must be >= 2")
+        self.width, self.max_length = width, max_length
+        self.embed = nn.Embedding(258, width)
+        self.position = nn.Parameter(torch.randn(max_length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.truncation = Truncation()
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length) ids of the prompts, padded with PAD; a prompt longer than the
+        context is truncated, with a warning that says so."""
+        ids = torch.full((len(prompts), self.max_length), PAD, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            data = prompt.encode("utf-8")
+            if len(data) > self.max_length - 1:
+                self.truncation(prompt, self.max_length - 1, self.max_length, "bytes")
+                data = data[: self.max_length - 1]
+            ids[i, 0] = 1
+            ids[i, 1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.long) + 2
+        return ids
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, L, width), mask (B, L), True at real tokens)."""
+        mask = ids != PAD
+        h = self.embed(ids.clamp(min=0)) + self.position[: ids.shape[1]]
+        h = self.layers(h, src_key_padding_mask=~mask)
+        return self.norm(h), mask
+
+
+class TextConditioned(nn.Module):
+    """``net(x, t, ids)``: the U-Net conditioned on prompts through its cross-attention.
+
+    ``ids`` (B, L) token ids of :meth:`tokenize`; None means the empty prompt (the null
+    condition ∅ of classifier-free guidance).
+    """
+
+    text = True  #: conditioned on prompts
+    num_classes = 0
+
+    def __init__(self, unet: nn.Module, encoder: nn.Module) -> None:
+        super().__init__()
+        self.unet, self.encoder = unet, encoder
+        self.image_size, self.in_channels = unet.image_size, unet.in_channels
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoder.tokenize(list(prompts))
+
+    def null(self) -> torch.Tensor:
+        """The ids of the empty prompt, (L,)."""
+        return self.tokenize([""])[0]
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if ids is None:
+            ids = self.null().to(x.device).expand(x.shape[0], -1)
+        context, mask = self.encoder(ids)
+        return self.unet(x, t, context=context, context_mask=mask)

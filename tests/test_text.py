@@ -1,0 +1,275 @@
+"""Text conditioning: the byte tokenizer and encoder, cross-attention with padding masks, captioned
+image folders, caption dropout, prompts through guidance and the sample CLI, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+from diffusion.errors import ConfigError, DataError
+from diffusion.nn import UNet
+from diffusion.nn.text import PAD, ByteEncoder, TextConditioned
+from diffusion.processes import schedules
+from diffusion.processes.analytic import ClassGaussianOracle
+from diffusion.processes.ddpm import GaussianDiffusion
+from diffusion.processes.guidance import Guided
+from diffusion.training.data import ImageFolderDataModule
+
+from conftest import TINY, compose_train
+
+SMALL_UNET = dict(image_size=8, in_channels=1, width=8, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_levels=(1,), norm_groups=4)  # fmt: skip
+TEXT = ["text_encoder=bytes", "text_encoder.width=16", "text_encoder.depth=1",
+        "text_encoder.max_length=24", "data=image_folder", "data.channels=1",
+        "data.image_size=16", "data.val_fraction=0.25"]  # fmt: skip
+
+
+def test_byte_tokens_and_truncation(caplog):
+    """BOS, then byte b as b + 2, padded with PAD; a prompt longer than the context is cut to
+    max_length - 1 bytes with one warning naming it (not one per call)."""
+    enc = ByteEncoder(width=8, depth=1, heads=2, max_length=6)
+    ids = enc.tokenize(["ab", "", "é"])
+    assert ids.tolist() == [[1, 99, 100, PAD, PAD, PAD], [1] + [PAD] * 5,
+                            [1, 0xC3 + 2, 0xA9 + 2, PAD, PAD, PAD]]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="diffusion.nn.text"):
+        long = enc.tokenize(["abcdefgh", "abcdefgh"])
+        enc.tokenize(["abcdefgh"])
+    assert long[0].tolist() == [1, 99, 100, 101, 102, 103]
+    warnings = [r for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1 and "'abcdefgh' has more than 5 bytes" in warnings[0].getMessage()
+
+
+def randomized(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return net
+
+
+def test_padding_is_masked_out():
+    """The output does not depend on the context length beyond the prompt (padding masked in
+    the encoder and the cross-attention); control: another prompt changes it."""
+    unet = randomized(UNet(**SMALL_UNET, context_dim=16))
+    short = randomized(ByteEncoder(16, 1, 2, max_length=12), seed=1)
+    longer = ByteEncoder(16, 1, 2, max_length=20)
+    state = short.state_dict()
+    state["position"] = torch.cat([state["position"], torch.randn(8, 16)])  # unused positions
+    longer.load_state_dict(state)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
+    a, b = TextConditioned(unet, short), TextConditioned(unet, longer)
+    with torch.no_grad():
+        out = a(x, t, a.tokenize(["a thin", ""]))
+        assert (b(x, t, b.tokenize(["a thin", ""])) - out).abs().max() < 1e-5
+        assert (b(x, t, b.tokenize(["a bold", ""])) - out)[0].abs().max() > 1e-3
+
+
+def test_cross_attention_starts_as_the_identity():
+    """Cross-attention is created last and zero-initialised: a text U-Net drawn from the same
+    seed is the plain U-Net until it trains (control: a trained projection changes it)."""
+    torch.manual_seed(0)
+    plain = UNet(**SMALL_UNET)
+    torch.manual_seed(0)
+    text = UNet(**SMALL_UNET, context_dim=16)
+    randomized(plain)
+    own = text.state_dict()
+    own.update(plain.state_dict())
+    text.load_state_dict(own)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
+    context, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(text(x, t, context=context, context_mask=mask), plain(x, t))
+        text.cross["mid"].proj.weight.normal_()
+        assert not torch.allclose(text(x, t, context=context, context_mask=mask), plain(x, t))
+    with pytest.raises(ValueError, match="needs a context"):
+        text(x, t)
+
+
+def test_prompts_are_guided_as_classes():
+    """Guidance over prompts is the guidance over classes: an exact network for two Gaussian
+    classes read through prompts ("zero", "one"; ∅ the empty prompt) gives, through Guided,
+    the same outputs as the class-conditional one for w = 0 and w = 2 (whose distribution
+    tests/test_guidance.py checks); control: another prompt differs."""
+    enc = ByteEncoder(8, 1, 2, max_length=8)
+    process = GaussianDiffusion(schedules.linear(50))
+    oracle = ClassGaussianOracle(process, [-1.0, 1.0], 0.3, 0.0, 1.0)
+    names = {"zero": 0, "one": 1, "": 2}
+    rows = {tuple(enc.tokenize([p])[0].tolist()): c for p, c in names.items()}
+
+    def by_prompt(x, label, ids):
+        classes = torch.tensor([rows[tuple(r.tolist())] for r in ids])
+        return oracle(x, label, classes)
+
+    x, label = torch.randn(4, 1, 4, 4), torch.full((4,), 25)
+    prompts = ["zero", "one", "one", "zero"]
+    classes = torch.tensor([0, 1, 1, 0])
+    for w in (0.0, 2.0):
+        text = Guided(by_prompt, enc.tokenize(prompts), w, null=enc.tokenize([""])[0])
+        plain = Guided(oracle, classes, w, null=2)
+        assert torch.equal(text(x, label), plain(x, label))
+    other = Guided(by_prompt, enc.tokenize(["one"] * 4), 2.0, null=enc.tokenize([""])[0])
+    assert not torch.equal(other(x, label), Guided(oracle, classes, 2.0, null=2)(x, label))
+
+
+# ----- captioned data -------------------------------------------------------------------
+
+
+def make_folder(root: Path, captions: list[str], layout: str = "jsonl") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, text in enumerate(captions):
+        name = f"img_{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / name)
+        if layout == "txt":
+            (root / name).with_suffix(".txt").write_text(text + "\n")
+        rows.append({"file_name": name, "text": text})
+    if layout == "jsonl":
+        (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "txt"])
+def test_image_folder_yields_captions(tmp_path, layout):
+    captions = [f"caption {i}" for i in range(8)]
+    make_folder(tmp_path / "d", captions, layout)
+    data = ImageFolderDataModule(str(tmp_path / "d"), 16, 1, batch_size=8, val_fraction=0.25)
+    assert data.has_captions()
+    data.captions = True
+    data.setup()
+    pairs = [data.train_set[i] for i in range(len(data.train_set))]
+    files = data.train_set.dataset.files
+    for (image, caption), index in zip(pairs, data.train_set.indices, strict=True):
+        assert image.shape == (1, 16, 16) and caption == f"caption {int(files[index].stem[4:])}"
+    plain = ImageFolderDataModule(str(tmp_path / "d"), 16, 1, batch_size=8)
+    plain.setup()  # not asked for captions: images only
+    assert isinstance(plain.train_set[0], torch.Tensor)
+
+
+def test_caption_files_naming_missing_images_or_images_without_one(tmp_path):
+    root = make_folder(tmp_path / "d", ["a", "b"])
+    with open(root / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "gone.png", "text": "c"}) + "\n")
+    data = ImageFolderDataModule(str(root), 16, 1)
+    data.captions = True
+    with pytest.raises(
+        DataError, match=r"metadata.jsonl:3 names 'gone.png', which is not an image"
+    ):
+        data.setup()
+    root = make_folder(tmp_path / "e", ["a", "b", "c"], layout="txt")
+    (root / "img_001.txt").unlink()
+    data = ImageFolderDataModule(str(root), 16, 1)
+    data.captions = True
+    with pytest.raises(DataError, match=r"1 image\(s\) under .* have no caption \(first: img_001"):
+        data.setup()
+
+
+# ----- training and sampling ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory) -> Path:
+    from diffusion.train import train
+
+    root = tmp_path_factory.mktemp("captions")
+    make_folder(root / "d", ["a thin seven", "a bold one"] * 8)
+    out = root / "run"
+    train(compose_train([*TINY, *TEXT, f"data.root={root / 'd'}", "trainer.max_steps=2"], out))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def test_training_drops_captions_to_the_empty_prompt(text_ckpt):
+    """cond_drop_prob of the captions become the empty prompt in a training batch (control:
+    p = 0 drops none)."""
+    from diffusion.checkpoints import load_module
+
+    module = load_module(text_ckpt).train()
+    seen = []
+    module.objective = lambda net, x0, y=None: seen.append(y) or torch.zeros(x0.shape[0])
+    module.log = lambda *args, **kwargs: None  # no trainer here
+    null = module.net.null()
+    for p, low, high in ((0.3, 0.25, 0.35), (0.0, 0.0, 0.0)):
+        module.hparams.cond_drop_prob = p
+        seen.clear()
+        module.training_step((torch.zeros(2000, 1, 16, 16), ["a thin seven"] * 2000), 0)
+        dropped = (seen[0] == null).all(dim=1).float().mean()
+        assert low <= dropped <= high
+
+
+def sample_cfg(ckpt, tmp_path, *overrides):
+    with initialize_config_module("diffusion.conf", version_base="1.3"):
+        return compose("sample", overrides=[f"ckpt={ckpt}", f"out_dir={tmp_path / 'out'}",
+                                            "device=cpu", "strip_n=0", *overrides])  # fmt: skip
+
+
+def test_sample_cli_prompts(text_ckpt, tmp_path):
+    """prompt= draws n images of the prompt, prompts_file= n per line, the grid one row per
+    prompt; the same seed gives the images of model.sample(prompts=…) (control: other prompts
+    give others)."""
+    from diffusion.checkpoints import load_module
+    from diffusion.evaluation.draw import draw, to_uint8
+    from diffusion.sample import run
+
+    (tmp_path / "prompts.txt").write_text("a thin seven\n\na bold one\n")
+    info = run(sample_cfg(text_ckpt, tmp_path, f"prompts_file={tmp_path / 'prompts.txt'}", "n=2",
+                          "batch_size=4", "guidance=2"))  # fmt: skip
+    assert info["prompts"] == ["a thin seven", "a bold one"] and info["n"] == 4
+    saved = np.load(tmp_path / "out" / "samples.npz")
+    assert saved["prompts"].tolist() == ["a thin seven"] * 2 + ["a bold one"] * 2
+    module = load_module(text_ckpt)
+    prompts = ["a thin seven"] * 2 + ["a bold one"] * 2
+    images, _ = draw(module, 4, 4, 0, None, progress=False, prompts=prompts, guidance=2.0)
+    assert np.array_equal(saved["images"], to_uint8(images).permute(0, 2, 3, 1).numpy())
+    other, _ = draw(module, 4, 4, 0, None, progress=False, prompts=prompts[::-1], guidance=2.0)
+    assert not torch.equal(other, images)
+    assert (tmp_path / "out" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["labels=[1]"], r"labels=\[1\] needs a class-conditional checkpoint; last.ckpt takes "
+                         r"prompts"),
+        (["guidance=1"], r"guidance=1 needs prompt= or prompts_file="),
+        (["prompt=a", "prompts_file={empty}"], r"prompt='a' and prompts_file=.*: give one"),
+        (["prompts_file={empty}"], r"prompts_file=.* holds no prompt"),
+    ],
+)  # fmt: skip
+def test_sample_bad_prompt_input(text_ckpt, tmp_path, overrides, message):
+    from diffusion.sample import run
+
+    (tmp_path / "empty.txt").write_text("\n \n")
+    overrides = [o.format(empty=tmp_path / "empty.txt") for o in overrides]
+    with pytest.raises(ConfigError, match=message):
+        run(sample_cfg(text_ckpt, tmp_path, *overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_for_a_model_without_text(tiny_ckpt, tmp_path):
+    from diffusion.sample import run
+
+    message = r"prompt='a thin seven' needs a text-conditional checkpoint; last.ckpt was trained"
+    with pytest.raises(ConfigError, match=message):
+        run(sample_cfg(tiny_ckpt, tmp_path, "prompt=a thin seven"))
+
+
+def test_text_encoder_without_captions_or_with_another_width(tmp_path, tiny):
+    from diffusion.train import train
+
+    with pytest.raises(ConfigError, match=r"text_encoder= asks for a text-conditional model, but "
+                                          r"this data has no captions"):  # fmt: skip
+        train(compose_train([*tiny, "text_encoder=bytes"], tmp_path / "a"))
+    root = make_folder(tmp_path / "d", ["x"] * 4)
+    cfg = compose_train([*tiny, *TEXT, f"data.root={root}", "model.context_dim=8"], tmp_path / "b")
+    with pytest.raises(
+        ConfigError, match=r"model.context_dim=8 but the text encoder's width is 16"
+    ):
+        train(cfg)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
