@@ -116,7 +116,7 @@ def requested_prompts(cfg: DictConfig, module) -> list[str] | None:
         if module.text and cfg.get("labels") is not None:
             raise ConfigError(
                 f"labels={OmegaConf.to_container(cfg.labels)!r} needs a class-conditional "
-                f"checkpoint; {Path(cfg.ckpt).name} takes prompts: prompt=\"…\" or prompts_file="
+                f'checkpoint; {Path(cfg.ckpt).name} takes prompts: prompt="…" or prompts_file='
             )
         if module.text and cfg.guidance:
             raise ConfigError(

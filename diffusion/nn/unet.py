@@ -377,7 +377,9 @@ class UNet(nn.Module):
         if (context is None) != (self.cross is None):
             raise ValueError(
                 "a context needs cross-attention (model.context_dim > 0), and such a network "
-                "needs one" if context is not None else "this network needs a context (a prompt)"
+                "needs one"
+                if context is not None
+                else "this network needs a context (a prompt)"
             )
 
         def attend(attn: nn.Module, cross: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
@@ -400,7 +402,8 @@ class UNet(nn.Module):
         h = self.mid_block2(h, emb)
         for i, (level, up) in enumerate(zip(self.up, self.upsample, strict=True)):
             for j, (block, attn) in enumerate(zip(level.blocks, level.attns, strict=True)):
-                h = attend(attn, cross and cross["up"][i][j], block(torch.cat([h, skips.pop()], 1), emb))
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+                h = attend(attn, cross and cross["up"][i][j], h)
             h = up(h)
         return self.out(h)
 

@@ -1,6 +1,7 @@
 """Image data modules. Each yields batches of uint8 images (B, C, H, W), or (images, labels) for
 a class-conditional model (``labels = True``, set by ``diffusion.train`` when the model has
-classes), or (images, captions) for a text-conditional one (``captions = True``); the scaling to [-1, 1] and the random horizontal flip happen on the batch, on its
+classes), or (images, captions) for a text-conditional one (``captions = True``); the scaling
+to [-1, 1] and the random horizontal flip happen on the batch, on its
 device, in :meth:`ImageDataModule.on_after_batch_transfer`. :meth:`ImageDataModule.class_names`
 names the classes (cheaply, before any loading), None for data without labels;
 :meth:`ImageDataModule.has_captions` says whether the data has captions.
@@ -98,7 +99,6 @@ class ImageDataModule(LightningDataModule, abc.ABC):
         num_workers, pin_memory: passed to the DataLoaders.
         seed: seed of the train/validation split, the data order and the flips.
     """
-
 
     def __init__(
         self,
