@@ -273,3 +273,151 @@ def test_text_encoder_without_captions_or_with_another_width(tmp_path, tiny):
     ):
         train(cfg)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----- transformers encoders (CLIP, T5) from tiny random configs, offline --------------------
+
+
+def tiny_encoder_folder(folder: Path, kind: str) -> Path:
+    """A saved text encoder with random weights and a word-level tokenizer, as a hub folder."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+    words.train_from_iterator(
+        ["a thin bold seven one"], trainers.WordLevelTrainer(special_tokens=special)
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+        eos_token="[EOS]",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "clip":
+        config = transformers.CLIPTextConfig(
+            vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
+            eos_token_id=3,
+        )  # fmt: skip
+        model = transformers.CLIPTextModel(config)
+    else:
+        config = transformers.T5Config(vocab_size=16, d_model=24, d_kv=12, d_ff=48, num_layers=1,
+                                       num_heads=2, pad_token_id=0, eos_token_id=3)  # fmt: skip
+        model = transformers.T5EncoderModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind, width", [("clip", 32), ("t5", 24)])
+def test_pretrained_encoders_are_frozen_and_outside_checkpoints(tmp_path, kind, width):
+    """CLIP's and T5's encoders load from a folder, give a (B, L, D) context with the padding
+    masked, hold no trainable parameters and no state (a checkpoint names them), and the EMA's
+    copy shares the model; a prompt longer than max_length is truncated with a warning."""
+    import copy
+
+    from diffusion.nn.text import PretrainedTextEncoder
+
+    folder = tiny_encoder_folder(tmp_path / kind, kind)
+    enc = PretrainedTextEncoder(kind, str(folder), max_length=4)
+    ids = enc.tokenize(["a thin seven", "", "a thin bold seven one"])
+    assert ids.shape == (3, 4) and (ids[0, :3] != PAD).all() and ids[0, 3] == PAD
+    assert (ids[1] != PAD).sum() == 1  # the empty prompt keeps one token
+    context, mask = enc(ids)
+    assert context.shape == (3, 4, width) and torch.equal(mask, ids != PAD)
+    net = TextConditioned(UNet(**SMALL_UNET, context_dim=width), enc)
+    assert not any(n.startswith("encoder") for n, _ in net.named_parameters())
+    assert not any(k.startswith("encoder") for k in net.state_dict())
+    assert copy.deepcopy(net).encoder.model is enc.model
+    other, _ = enc(enc.tokenize(["a bold seven", "", "a thin bold seven one"]))  # control
+    assert (other[0] - context[0]).abs().max() > 1e-4 and torch.equal(other[1], context[1])
+
+
+def test_training_with_a_clip_encoder_folder(tmp_path, tiny):
+    """text_encoder=clip with a local folder trains end to end; its checkpoint holds no encoder
+    weights and samples with prompts; a folder of another kind or a missing one is one line."""
+    from diffusion.checkpoints import load_module
+    from diffusion.train import train
+
+    folder = tiny_encoder_folder(tmp_path / "clip", "clip")
+    root = make_folder(tmp_path / "d", ["a thin seven", "a bold one"] * 4)
+    common = [*tiny, *TEXT[4:], f"data.root={root}", "text_encoder=clip", "trainer.max_steps=2",
+              "text_encoder.max_length=6"]  # fmt: skip
+    train(compose_train([*common, f"text_encoder.name={folder}"], tmp_path / "run"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any(".encoder." in k for k in ckpt["state_dict"])
+    module = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    images = module.sample(2, prompts=["a thin seven", "a bold one"], guidance=1.0,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    t5 = tiny_encoder_folder(tmp_path / "t5", "t5")
+    refused = [(t5, r"holds a 't5' model, not a clip text encoder"),
+               (tmp_path / "none", r"is neither a folder with a text encoder nor")]  # fmt: skip
+    for name, message in refused:
+        cfg = compose_train([*common, f"text_encoder.name={name}"], tmp_path / "bad")
+        with pytest.raises(ConfigError, match=message):
+            train(cfg)
+        assert not (tmp_path / "bad").exists()
+
+
+# ----- webdataset shards --------------------------------------------------------------------
+
+
+def make_shards(folder: Path, shards: int = 3, per_shard: int = 4) -> str:
+    """Tar shards of 16×16 PNGs whose pixels all equal their index, captioned "image <index>"."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with tarfile.open(folder / f"train-{s:03d}.tar", "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                png = io.BytesIO()
+                Image.fromarray(np.full((16, 16), i, dtype=np.uint8)).save(png, format="PNG")
+                for suffix, data in (("png", png.getvalue()), ("txt", f"image {i}".encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(folder / f"train-{{000..{shards - 1:03d}}}.tar")
+
+
+def test_webdataset_splits_shards_across_ranks_and_workers(tmp_path, monkeypatch):
+    """Each sample (image with its own caption) is read once per epoch across 2 ranks × 2
+    workers; the last shard is held out for validation."""
+    pytest.importorskip("webdataset")
+    from diffusion.training.webdata import WebDataModule
+
+    urls = make_shards(tmp_path / "shards", shards=5)
+    seen = []
+    for rank in (0, 1):
+        data = WebDataModule(urls, 16, 1, batch_size=3, num_workers=2, shuffle_buffer=4)
+        monkeypatch.setattr(data, "_rank", lambda rank=rank: (2, rank))
+        data.captions = True
+        data.setup()
+        for images, captions in data.train_dataloader():
+            for image, caption in zip(images, captions, strict=True):
+                assert caption == f"image {int(image[0, 0, 0])}" and image.shape == (1, 16, 16)
+                seen.append(caption)
+    assert sorted(seen) == sorted(f"image {i}" for i in range(16))  # shards 0-3, once each
+    val = [c for _, batch in data.val_dataloader() for c in batch]
+    assert sorted(val) == [f"image {i}" for i in range(16, 20)]
+
+
+def test_webdataset_trains_a_text_model_and_refuses_bad_shards(tmp_path, tiny):
+    pytest.importorskip("webdataset")
+    from diffusion.train import train
+
+    urls = make_shards(tmp_path / "shards")
+    data = ["data=webdataset", f"data.urls='{urls}'", "data.channels=1", "data.image_size=16",
+            "data.num_workers=0", "data.pin_memory=false"]  # fmt: skip
+    text = ["text_encoder=bytes", "text_encoder.width=16", "text_encoder.depth=1"]
+    train(compose_train([*tiny, *data, *text, "trainer.max_steps=2"], tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    missing = str(tmp_path / "shards" / "train-{000..004}.tar")
+    single = str(tmp_path / "shards" / "train-000.tar")
+    refused = [(missing, r"2 shard\(s\) missing, first .*train-003.tar"), (single, "is one shard")]
+    for urls, message in refused:
+        with pytest.raises((ConfigError, DataError), match=message):
+            train(compose_train([*tiny, *data, *text, f"data.urls='{urls}'"], tmp_path / "bad"))
+        assert not (tmp_path / "bad").exists()

@@ -125,3 +125,99 @@ class TextConditioned(nn.Module):
             ids = self.null().to(x.device).expand(x.shape[0], -1)
         context, mask = self.encoder(ids)
         return self.unet(x, t, context=context, context_mask=mask)
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A frozen ``transformers`` text encoder: CLIP's text tower (``kind="clip"``, as Stable
+    Diffusion) or T5's encoder (``"t5"``, as Imagen), with its tokenizer, from a local folder or
+    a hub id (``subfolder`` for a pipeline's ``text_encoder/``). Its output is the context.
+
+    The model is held outside the module's parameters: never trained, not in checkpoints (a
+    checkpoint names it; loading it needs the folder or the network), shared, not copied, by
+    the EMA, and run in float16 on GPUs. ``max_length`` tokens per prompt (longer prompts are
+    truncated with a warning).
+    """
+
+    KINDS = {
+        "clip": ("CLIPTextModel", ("clip_text_model", "clip")),
+        "t5": ("T5EncoderModel", ("t5",)),
+    }
+
+    def __init__(
+        self, kind: str, name: str, subfolder: str | None = None, max_length: int = 77
+    ) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(
+                f"text_encoder.kind={kind!r} is invalid: choose one of {sorted(self.KINDS)}"
+            )
+        if max_length < 2:
+            raise ValueError(f"text_encoder.max_length={max_length} must be >= 2")
+        try:
+            import transformers
+        except ImportError:
+            raise ValueError(
+                f"text_encoder={kind} needs transformers: pip install -e '.[text]'"
+            ) from None
+        where = f"text_encoder.name={name!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        extra = {"subfolder": subfolder} if subfolder else {}
+        try:
+            config = transformers.AutoConfig.from_pretrained(name, **extra)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{where} is neither a folder with a text encoder nor reachable on the hub "
+                f"({type(err).__name__}); offline, give the folder of a saved {kind} encoder"
+            ) from None
+        model_class, types = self.KINDS[kind]
+        if config.model_type not in types:
+            raise ValueError(
+                f"{where} holds a {config.model_type!r} model, not a {kind} text encoder"
+            )
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, **extra)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{where} has no tokenizer ({type(err).__name__})") from None
+        model = getattr(transformers, model_class).from_pretrained(name, **extra)
+        object.__setattr__(self, "model", model.requires_grad_(False).eval())
+        self.tokenizer, self.kind, self.max_length = tokenizer, kind, max_length
+        self.width = int(getattr(model.config, "hidden_size", None) or model.config.d_model)
+        self.truncation = Truncation()
+
+    def _apply(self, fn, recurse: bool = True):  # .to(device) moves the held model too
+        super()._apply(fn, recurse)
+        self.model._apply(fn, recurse)
+        return self
+
+    def __deepcopy__(self, memo: dict) -> PretrainedTextEncoder:
+        """A copy sharing the frozen model and the tokenizer (the EMA needs no second one)."""
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            shared = key in ("model", "tokenizer")
+            object.__setattr__(new, key, value if shared else copy.deepcopy(value, memo))
+        return new
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """(B, max_length) token ids, PAD where the tokenizer pads; at least one token each."""
+        full = self.tokenizer(list(prompts), truncation=False)["input_ids"]
+        for prompt, ids in zip(prompts, full, strict=True):
+            if len(ids) > self.max_length:
+                self.truncation(prompt, self.max_length, self.max_length, "tokens")
+        enc = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")  # fmt: skip
+        ids = torch.where(enc["attention_mask"].bool(), enc["input_ids"].long(), PAD)
+        empty = (ids == PAD).all(dim=1)
+        first = self.tokenizer.eos_token_id or self.tokenizer.pad_token_id or 0
+        ids[empty, 0] = first  # a prompt the tokenizer makes nothing of still has one token
+        return ids
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = ids != PAD
+        pad = self.tokenizer.pad_token_id or 0
+        half = ids.device.type == "cuda"
+        model = self.model.half() if half else self.model
+        with torch.no_grad():
+            out = model(input_ids=ids.where(mask, pad), attention_mask=mask.long())
+        return out.last_hidden_state.float(), mask

@@ -124,9 +124,12 @@ class SampleGrid(Callback):
         if not module.text:
             return None
         val = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule else None
-        captions = []
-        for i in getattr(val, "indices", range(len(val) if val is not None else 0)):
-            caption = val.dataset.targets[i] if hasattr(val, "dataset") else val.targets[i]
+        if val is None:
+            return [""]
+        # (image, caption) pairs: indexed (a folder) or streamed (webdataset); a few scanned
+        items = (val[i] for i in range(len(val))) if hasattr(val, "__len__") else iter(val)
+        captions: list[str] = []
+        for _, (_, caption) in zip(range(256), items, strict=False):
             if caption not in captions:
                 captions.append(caption)
             if len(captions) == min(self.max_prompts, self.n):
@@ -271,9 +274,12 @@ class FIDCallback(Callback):
         if not module.text:
             return None
         val = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule else None
-        captions = []
-        for i in getattr(val, "indices", range(len(val) if val is not None else 0)):
-            caption = val.dataset.targets[i] if hasattr(val, "dataset") else val.targets[i]
+        if val is None:
+            return [""]
+        # (image, caption) pairs: indexed (a folder) or streamed (webdataset); a few scanned
+        items = (val[i] for i in range(len(val))) if hasattr(val, "__len__") else iter(val)
+        captions: list[str] = []
+        for _, (_, caption) in zip(range(256), items, strict=False):
             if caption not in captions:
                 captions.append(caption)
             if len(captions) == min(self.max_prompts, self.n):

@@ -335,6 +335,15 @@ class TorchvisionDataModule(ImageDataModule):
         return torch.cat(arrays), torch.cat(labels)
 
 
+def square_uint8(img, size: int, mode: str) -> torch.Tensor:
+    """A PIL image as uint8 (C, size, size): converted to ``mode`` (L or RGB), resized (shorter
+    side) and centre-cropped."""
+    from torchvision.transforms.v2 import functional as TF
+
+    img = TF.resize(img.convert(mode), size, antialias=True)
+    return TF.pil_to_tensor(TF.center_crop(img, [size, size]))
+
+
 METADATA = "metadata.jsonl"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -362,13 +371,9 @@ class FolderImages(Dataset):
 
     def read(self, path: Path) -> torch.Tensor:
         from PIL import Image
-        from torchvision.transforms.v2 import functional as TF
 
         with Image.open(path) as img:
-            img = img.convert(self.mode)
-        img = TF.resize(img, self.image_size, antialias=True)
-        img = TF.center_crop(img, [self.image_size, self.image_size])
-        return TF.pil_to_tensor(img)
+            return square_uint8(img, self.image_size, self.mode)
 
     def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # An unreadable file is an error, or (on_corrupt=skip) replaced by the next readable one.
