@@ -267,25 +267,6 @@ class FIDCallback(Callback):
             self.reference = metrics.cached_reference_features(key, compute, self.cache_dir)
         return self.reference
 
-    def _conditions(self, trainer: Trainer, module: LightningModule) -> list[str] | None:
-        """The row names: the classes, the prompts (validation captions), or None."""
-        if module.num_classes:
-            return module.class_names or [str(c) for c in range(module.num_classes)]
-        if not module.text:
-            return None
-        val = getattr(trainer.datamodule, "val_set", None) if trainer.datamodule else None
-        if val is None:
-            return [""]
-        # (image, caption) pairs: indexed (a folder) or streamed (webdataset); a few scanned
-        items = (val[i] for i in range(len(val))) if hasattr(val, "__len__") else iter(val)
-        captions: list[str] = []
-        for _, (_, caption) in zip(range(256), items, strict=False):
-            if caption not in captions:
-                captions.append(caption)
-            if len(captions) == min(self.max_prompts, self.n):
-                break
-        return captions or [""]
-
     def on_train_batch_end(self, trainer: Trainer, module: LightningModule, *args) -> None:
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
