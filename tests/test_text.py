@@ -405,6 +405,8 @@ def test_webdataset_splits_shards_across_ranks_and_workers(tmp_path, monkeypatch
 
 
 def test_webdataset_trains_a_text_model_and_refuses_bad_shards(tmp_path, tiny):
+    """A text model trains on shards, with the FID callback's reference drawn from the stream;
+    missing shards, or one shard without val_urls, are one line each."""
     pytest.importorskip("webdataset")
     from diffusion.train import train
 
@@ -412,8 +414,15 @@ def test_webdataset_trains_a_text_model_and_refuses_bad_shards(tmp_path, tiny):
     data = ["data=webdataset", f"data.urls='{urls}'", "data.channels=1", "data.image_size=16",
             "data.num_workers=0", "data.pin_memory=false"]  # fmt: skip
     text = ["text_encoder=bytes", "text_encoder.width=16", "text_encoder.depth=1"]
-    train(compose_train([*tiny, *data, *text, "trainer.max_steps=2"], tmp_path / "run"))
+    fid = ["callbacks.fid.every_n_steps=2", "callbacks.fid.n=4", "callbacks.fid.batch_size=4",
+           "callbacks.fid.reference_n=6",
+           "callbacks.fid.extractor._target_=test_metrics.SmallFeatures",
+           "+callbacks.fid.sampler={_target_:diffusion.samplers.ddim,_partial_:true,steps:2}",
+           f"callbacks.fid.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    train(compose_train([*tiny, *data, *text, *fid, "trainer.max_steps=2"], tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    metrics = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
+    assert "val/fid" in metrics.splitlines()[0]  # reference features from the stream
     missing = str(tmp_path / "shards" / "train-{000..004}.tar")
     single = str(tmp_path / "shards" / "train-000.tar")
     refused = [(missing, r"2 shard\(s\) missing, first .*train-003.tar"), (single, "is one shard")]

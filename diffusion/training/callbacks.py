@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -259,8 +260,11 @@ class FIDCallback(Callback):
 
             def compute() -> torch.Tensor:
                 train_set = dm.train_set
-                count = min(self.reference_n, len(train_set))
-                items = [train_set[i] for i in range(count)]  # (image, label) if conditional
+                if hasattr(train_set, "__len__"):
+                    count = min(self.reference_n, len(train_set))
+                    items = [train_set[i] for i in range(count)]  # (image, label) if conditional
+                else:  # a stream (data=webdataset): its first reference_n samples
+                    items = list(itertools.islice(iter(train_set), self.reference_n))
                 images = torch.stack([x[0] if isinstance(x, tuple) else x for x in items])
                 return metrics.extract(self.extractor, images, device=module.device)["pool"]
 
