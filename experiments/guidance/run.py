@@ -10,6 +10,7 @@ images) reads as the digit asked for (its own accuracy on the 200 held-out image
 
     python -m experiments.guidance.run            # from the repository root: train, measure
     python -m experiments.guidance.run --report   # table.md from results.json
+    python -m experiments.guidance.run --samplers dpm_solver-20   # one sampler's rows (a 2nd core)
 
 Each measurement goes to results.json as soon as it is made and is skipped when there, so the
 work can be split across sessions (the checkpoint stays in run/, not committed).
@@ -65,14 +66,14 @@ def record(key: str, value: dict) -> None:
     print(key, value, flush=True)
 
 
-def measure() -> None:
+def measure(samplers: list[str]) -> None:
     module = load_module(RUN / "checkpoints" / "last.ckpt")
     extractor = M.InceptionFeatures(str(WEIGHTS))
     real = reference_features(extractor)
     data = OmegaConf.create(module.hparams.data)
     done = load_results()["rows"]
     labels = balanced_labels(N, module.num_classes, grouped=True)
-    rows = [(name, w) for name in SAMPLERS for w in (None, *GUIDANCE)]  # None: unconditional
+    rows = [(name, w) for name in samplers for w in (None, *GUIDANCE)]  # None: unconditional
     for name, w in rows:
         key = f"{name}/{'unconditional' if w is None else f'w={w:g}'}"
         if key in done:
@@ -111,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--samplers", nargs="*", choices=list(SAMPLERS), default=list(SAMPLERS),
+                        help="measure these only (two processes can share the rows)")
     args = parser.parse_args()
     if args.report:
         print(report())
@@ -121,7 +124,7 @@ def main() -> None:
         print(f"training stopped before step {STEPS}; run again to resume", flush=True)
         return
     if not args.train_only:
-        measure()
+        measure(args.samplers)
         print(report())
 
 
