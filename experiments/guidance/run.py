@@ -112,8 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--samplers", nargs="*", choices=list(SAMPLERS), default=list(SAMPLERS),
-                        help="measure these only (two processes can share the rows)")
+    parser.add_argument(
+        "--samplers",
+        nargs="*",
+        choices=list(SAMPLERS),
+        default=list(SAMPLERS),
+        help="measure these only (two processes can share the rows)",
+    )
     args = parser.parse_args()
     if args.report:
         print(report())
