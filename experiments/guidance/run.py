@@ -71,12 +71,11 @@ def measure(samplers: list[str]) -> None:
     extractor = M.InceptionFeatures(str(WEIGHTS))
     real = reference_features(extractor)
     data = OmegaConf.create(module.hparams.data)
-    done = load_results()["rows"]
     labels = balanced_labels(N, module.num_classes, grouped=True)
     rows = [(name, w) for name in samplers for w in (None, *GUIDANCE)]  # None: unconditional
     for name, w in rows:
         key = f"{name}/{'unconditional' if w is None else f'w={w:g}'}"
-        if key in done:
+        if key in load_results()["rows"]:  # re-read: another process may have measured it
             continue
         start = time.perf_counter()
         images, nfe = draw(module, N, BATCH, 0, SAMPLERS[name], progress=False,
