@@ -33,17 +33,20 @@ def trained_steps(run_dir: Path) -> int:
     return int(torch.load(path, weights_only=True)["global_step"]) if path.exists() else 0
 
 
-def train_run(run_dir: Path, overrides: list[str], extra: list[str] = ()) -> float:
+def train_run(
+    run_dir: Path, overrides: list[str], extra: list[str] = (), recipe: list[str] = RECIPE
+) -> float:
     """Train the recipe with ``overrides`` into ``run_dir`` (diffusion.train, a process of its
     own), resuming its last.ckpt if a run was stopped (SIGTERM saves one; the resume is exact);
-    returns the minutes it took. ``extra``: further overrides that are not part of the row."""
+    returns the minutes it took. ``extra``: further overrides that are not part of the row;
+    ``recipe``: the recipe's overrides (another dataset replaces its data= and data.root=)."""
     subprocess.run(
         [sys.executable, str(FID_VS_NFE / "prepare_data.py"), str(SHARED / "mnist-t10k"),
          str(FID_VS_NFE / "data")], check=True,
     )  # fmt: skip
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "diffusion.train", *RECIPE, *overrides, *extra,
+        [sys.executable, "-m", "diffusion.train", *recipe, *overrides, *extra,
          f"hydra.run.dir={run_dir}", "ckpt_path=last"], check=True, cwd=ROOT,
     )  # fmt: skip
     return (time.perf_counter() - start) / 60
