@@ -383,27 +383,29 @@ class UNet(nn.Module):
             )
 
         def attend(attn: nn.Module, cross: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
+            """Self-attention, then cross-attention to the context where there is one."""
             h = attn(h)
-            return h if cross is None or isinstance(cross, nn.Identity) else cross(
-                h, context, context_mask
-            )  # fmt: skip
+            if cross is None or isinstance(cross, nn.Identity):
+                return h
+            return cross(h, context, context_mask)
 
-        cross = self.cross
+        none = {"down": [[None] * len(lvl.attns) for lvl in self.down], "mid": None,
+                "up": [[None] * len(lvl.attns) for lvl in self.up]}  # fmt: skip
+        cross = self.cross if self.cross is not None else none
         h = self.input_conv(x)
         skips = [h]
         for i, (level, down) in enumerate(zip(self.down, self.downsample, strict=True)):
             for j, (block, attn) in enumerate(zip(level.blocks, level.attns, strict=True)):
-                h = attend(attn, cross and cross["down"][i][j], block(h, emb))
+                h = attend(attn, cross["down"][i][j], block(h, emb))
                 skips.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
-        h = attend(self.mid_attn, cross and cross["mid"], self.mid_block1(h, emb))
+        h = attend(self.mid_attn, cross["mid"], self.mid_block1(h, emb))
         h = self.mid_block2(h, emb)
         for i, (level, up) in enumerate(zip(self.up, self.upsample, strict=True)):
             for j, (block, attn) in enumerate(zip(level.blocks, level.attns, strict=True)):
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)
-                h = attend(attn, cross and cross["up"][i][j], h)
+                h = attend(attn, cross["up"][i][j], block(torch.cat([h, skips.pop()], 1), emb))
             h = up(h)
         return self.out(h)
 
