@@ -430,3 +430,30 @@ def test_webdataset_trains_a_text_model_and_refuses_bad_shards(tmp_path, tiny):
         with pytest.raises((ConfigError, DataError), match=message):
             train(compose_train([*tiny, *data, *text, f"data.urls='{urls}'"], tmp_path / "bad"))
         assert not (tmp_path / "bad").exists()
+
+
+def test_prompt_contexts_are_cached(tmp_path):
+    """cache_size > 0: each distinct prompt is encoded once (the model runs only on new ones),
+    the cached context is the encoder's own to float16 precision, and the least recently used
+    prompt is evicted beyond the size (control: without a cache every call runs the model)."""
+    from diffusion.nn.text import PretrainedTextEncoder
+
+    folder = tiny_encoder_folder(tmp_path / "clip", "clip")
+    cached = PretrainedTextEncoder("clip", str(folder), max_length=5, cache_size=2)
+    plain = PretrainedTextEncoder("clip", str(folder), max_length=5)
+    rows = []
+    for enc in (cached, plain):
+        calls = []
+        enc.model.register_forward_hook(lambda m, i, o, calls=calls: calls.append(i))
+        a = enc.tokenize(["a thin seven", "a bold one"])
+        first, _ = enc(a)
+        again, _ = enc(a[[1, 0]])
+        rows.append((len(calls), first, again))
+    (n_cached, first, again), (n_plain, reference, _) = rows
+    assert n_cached == 1 and n_plain == 2
+    assert torch.equal(again, first[[1, 0]])
+    assert (first - reference).abs().max() < 1e-2 and (first - reference).abs().max() > 0
+    cached(cached.tokenize(["a one"]))  # a third prompt evicts the least recent, "a bold one"
+    key = {p: cached.tokenize([p])[0].numpy().tobytes() for p in ("a bold one", "a thin seven")}
+    assert len(cached.cache) == 2
+    assert key["a bold one"] not in cached.cache and key["a thin seven"] in cached.cache

@@ -15,6 +15,7 @@ token, so the empty prompt has one token to attend to.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -135,7 +136,8 @@ class PretrainedTextEncoder(nn.Module):
     The model is held outside the module's parameters: never trained, not in checkpoints (a
     checkpoint names it; loading it needs the folder or the network), shared, not copied, by
     the EMA, and run in float16 on GPUs. ``max_length`` tokens per prompt (longer prompts are
-    truncated with a warning).
+    truncated with a warning). ``cache_size`` > 0 keeps the contexts of that many distinct
+    prompts (a dataset's captions, in float16 on the CPU), so each is encoded once per run.
     """
 
     KINDS = {
@@ -144,7 +146,12 @@ class PretrainedTextEncoder(nn.Module):
     }
 
     def __init__(
-        self, kind: str, name: str, subfolder: str | None = None, max_length: int = 77
+        self,
+        kind: str,
+        name: str,
+        subfolder: str | None = None,
+        max_length: int = 77,
+        cache_size: int = 0,
     ) -> None:
         super().__init__()
         if kind not in self.KINDS:
@@ -153,6 +160,8 @@ class PretrainedTextEncoder(nn.Module):
             )
         if max_length < 2:
             raise ValueError(f"text_encoder.max_length={max_length} must be >= 2")
+        if cache_size < 0:
+            raise ValueError(f"text_encoder.cache_size={cache_size} must be >= 0")
         try:
             import transformers
         except ImportError:
@@ -182,6 +191,8 @@ class PretrainedTextEncoder(nn.Module):
         self.tokenizer, self.kind, self.max_length = tokenizer, kind, max_length
         self.width = int(getattr(model.config, "hidden_size", None) or model.config.d_model)
         self.truncation = Truncation()
+        self.cache_size = cache_size
+        self.cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # ids -> context (L, D)
 
     def _apply(self, fn, recurse: bool = True):  # .to(device) moves the held model too
         super()._apply(fn, recurse)
@@ -213,11 +224,29 @@ class PretrainedTextEncoder(nn.Module):
         ids[empty, 0] = first  # a prompt the tokenizer makes nothing of still has one token
         return ids
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """The model's last hidden states (B, L, D) for token ids (B, L), float32."""
         mask = ids != PAD
         pad = self.tokenizer.pad_token_id or 0
         half = ids.device.type == "cuda"
         model = self.model.half() if half else self.model
         with torch.no_grad():
             out = model(input_ids=ids.where(mask, pad), attention_mask=mask.long())
-        return out.last_hidden_state.float(), mask
+        return out.last_hidden_state.float()
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = ids != PAD
+        if not self.cache_size:
+            return self.encode(ids), mask
+        keys = [row.cpu().numpy().tobytes() for row in ids]
+        todo = sorted({i for i, key in enumerate(keys) if key not in self.cache})
+        if todo:
+            for i, context in zip(todo, self.encode(ids[todo]), strict=True):
+                self.cache[keys[i]] = context.half().cpu()
+        rows = []
+        for key in keys:
+            self.cache.move_to_end(key)
+            rows.append(self.cache[key])
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)  # the least recently used
+        return torch.stack(rows).to(ids.device, torch.float32), mask
