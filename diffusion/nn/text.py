@@ -39,15 +39,11 @@ class Truncation:
         if len(self.seen) > self.limit:
             log.warning("more prompts are truncated; they are not reported one by one")
             return
-        truncated(prompt, kept, max_length, unit)
-
-
-def truncated(prompt: str, kept: int, max_length: int, unit: str) -> None:
-    log.warning(
-        "prompt truncated to the text encoder's context: %r has more than %d %s "
-        "(text_encoder.max_length=%d), the rest is ignored",
-        prompt[:60] + ("…" if len(prompt) > 60 else ""), kept, unit, max_length,
-    )  # fmt: skip
+        log.warning(
+            "prompt truncated to the text encoder's context: %r has more than %d %s "
+            "(text_encoder.max_length=%d), the rest is ignored",
+            prompt[:60] + ("…" if len(prompt) > 60 else ""), kept, unit, max_length,
+        )  # fmt: skip
 
 
 class ByteEncoder(nn.Module):
