@@ -93,6 +93,10 @@ def measure(samplers: list[str]) -> None:
 
 def report() -> str:
     rows = load_results()["rows"]
+    order = list(SAMPLERS)
+    rows = dict(sorted(rows.items(), key=lambda kv: (order.index(kv[1]["sampler"]),
+                                                      -1 if kv[1]["guidance"] is None
+                                                      else kv[1]["guidance"])))  # fmt: skip
     lines = ["| sampler | guidance w | FID | class accuracy |", "|---|---|---|---|"]
     for r in rows.values():
         w = "∅ (unconditional)" if r["guidance"] is None else f"{r['guidance']:g}"
