@@ -40,16 +40,11 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class TensorImages(Dataset):
-    """A uint8 tensor (N, C, H, W) as a dataset of images, or of (image, condition) pairs when
-    ``with_labels`` is set (``targets``: the class of each image, (N,) int64, or its caption)."""
+    """A uint8 tensor (N, C, H, W) as a dataset of images, or of (image, label) pairs when
+    ``with_labels`` is set (``targets``: the class of each image, (N,) int64)."""
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        captions: list[str] | None = None,
-    ) -> None:
-        self.images, self.targets, self.captions = images, targets, captions
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+        self.images, self.targets = images, targets
         self.with_labels = False
 
     def __len__(self) -> int:
