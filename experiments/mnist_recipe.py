@@ -50,3 +50,14 @@ def train_run(
          f"hydra.run.dir={run_dir}", "ckpt_path=last"], check=True, cwd=ROOT,
     )  # fmt: skip
     return (time.perf_counter() - start) / 60
+
+
+def train_to_budget(run_dir: Path, overrides: list[str], recipe: list[str] = RECIPE) -> bool:
+    """Train (or resume) ``run_dir`` to the recipe's STEPS; True when it has them, else it says
+    that the training stopped early (a SIGTERM) and how to go on."""
+    if trained_steps(run_dir) < STEPS:
+        train_run(run_dir, overrides, recipe=recipe)
+    if trained_steps(run_dir) < STEPS:
+        print(f"training stopped before step {STEPS}; run again to resume", flush=True)
+        return False
+    return True

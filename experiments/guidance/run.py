@@ -32,7 +32,7 @@ from diffusion.evaluate import class_accuracy
 from diffusion.evaluation import metrics as M
 from diffusion.evaluation.draw import balanced_labels, draw, to_uint8
 from experiments.fid_vs_nfe.bench import BATCH, reference_features
-from experiments.mnist_recipe import RECIPE, SHARED, STEPS, train_run, trained_steps
+from experiments.mnist_recipe import RECIPE, SHARED, train_to_budget
 
 HERE = Path(__file__).resolve().parent
 RUN = HERE / "run"
@@ -126,10 +126,7 @@ def main() -> None:
     if args.report:
         print(report())
         return
-    if trained_steps(RUN) < STEPS:
-        train_run(RUN, OVERRIDES)
-    if trained_steps(RUN) < STEPS:
-        print(f"training stopped before step {STEPS}; run again to resume", flush=True)
+    if not train_to_budget(RUN, OVERRIDES):
         return
     if not args.train_only:
         measure(args.samplers)

@@ -33,7 +33,7 @@ from diffusion.checkpoints import load_module
 from diffusion.evaluate import class_accuracy
 from diffusion.evaluation import plots
 from diffusion.evaluation.draw import draw, to_uint8
-from experiments.mnist_recipe import RECIPE, SHARED, STEPS, train_run, trained_steps
+from experiments.mnist_recipe import RECIPE, SHARED, train_to_budget
 from experiments.text_to_image import captions as C
 
 HERE = Path(__file__).resolve().parent
@@ -159,10 +159,7 @@ def main() -> None:
     results = load_results()
     results["data"] = prepare()
     save(results)
-    if trained_steps(RUN) < STEPS:
-        train_run(RUN, OVERRIDES, recipe=TEXT_RECIPE)
-    if trained_steps(RUN) < STEPS:
-        print(f"training stopped before step {STEPS}; run again to resume", flush=True)
+    if not train_to_budget(RUN, OVERRIDES, TEXT_RECIPE):
         return
     module = load_module(RUN / "checkpoints" / "last.ckpt")
     with initialize_config_module("diffusion.conf", version_base="1.3"):
