@@ -70,6 +70,18 @@ def beta_fields(beta: torch.Tensor) -> dict[str, Any]:
             "trained_betas": beta.tolist()}  # fmt: skip
 
 
+def sampler_options(sampler: Mapping[str, Any]) -> dict[str, Any]:
+    """A sampler node's keyword settings, its function's defaults filled in."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    fn = inspect.unwrap(get_object(sampler["_target_"]))
+    defaults = {name: p.default for name, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}  # fmt: skip
+    return {**defaults, **{k: v for k, v in sampler.items() if not k.startswith("_")}}
+
+
 def scheduler_config(module) -> tuple[dict[str, Any] | None, list[str]]:
     """diffusers' scheduler config of the module's process (None if diffusers has none), and
     what a diffusers user must know or add."""
@@ -78,14 +90,14 @@ def scheduler_config(module) -> tuple[dict[str, Any] | None, list[str]]:
     notes: list[str] = []
     if process.family == "ddpm" and prediction in PREDICTION_TYPES:
         sampler = dict(hp.get("sampler") or {})
-        ancestral = str(sampler.get("_target_", "")).endswith(".ddpm_ancestral")
-        variance = sampler.get("variance", "beta") if ancestral else "beta_tilde"
+        options = sampler_options(sampler)  # its settings, defaults included
+        variance = options.get("variance", "beta_tilde")  # a sampler without one: DDIM's β̃
         config = {
             "_class_name": "DDPMScheduler",
             "num_train_timesteps": process.T,
             **beta_fields(process.beta64),
             "variance_type": "learned_range" if hp.get("learn_sigma") else VARIANCE_TYPES[variance],
-            "clip_sample": bool(sampler.get("clip_x0", ancestral)),
+            "clip_sample": bool(options.get("clip_x0", False)),
             "clip_sample_range": 1.0,
             "prediction_type": PREDICTION_TYPES[prediction],
             "thresholding": False,
