@@ -10,6 +10,7 @@ NFE; at half the budget, FID with DDIM-50 (does min-SNR converge faster?).
     python -m experiments.objectives.run                # every row: train, then measure
     python -m experiments.objectives.run --rows v_simple x0_simple
     python -m experiments.objectives.run --report       # table.md from results.json
+    python -m experiments.objectives.run --diagnose --rows eps_simple eps_min_snr
 
 Run from the repository root. Each measurement is appended to results.json as soon as it is
 done, and rows or measurements already there are skipped, so the work can be split across
@@ -58,6 +59,10 @@ SAMPLERS = {  # name -> a sampler node; FID rows at full budget
                       "steps": 20, "spacing": "logsnr"},
 }  # fmt: skip
 BPD_N = 100  # validation images for bits/dim (T network evaluations each)
+DIAGNOSTIC = {  # --diagnose: is a row's DPM-Solver++ loss the logSNR spacing's? (README)
+    "dpm_solver-20-uniform": {**SAMPLERS["dpm_solver-20"], "spacing": "uniform"},
+}
+ERROR_TIMES = (0, 1, 3, 6, 10, 20, 40, 80, 150, 300, 500, 700, 900, 999)  # chain indices
 
 
 def checkpoint(row: str, step: int | None = None) -> Path:
@@ -131,6 +136,33 @@ def measure(row: str, extractor, real: torch.Tensor) -> None:
         record(row, "fid_half/ddim-50", {"fid": value, "nfe": nfe, "seconds": seconds})
 
 
+def prediction_errors(module) -> dict[str, list[float]]:
+    """E‖ε̂ - ε‖² and E‖x̂_0 - x_0‖² per pixel at each of ERROR_TIMES, on the bits/dim images with
+    one fixed draw of ε: where along the chain an objective leaves the network inaccurate."""
+    x0 = to_model_range(split_images(OmegaConf.create(module.hparams.data), "val", BPD_N))
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    predictor, errors = module.predictor(), {"t": list(ERROR_TIMES), "eps_mse": [], "x0_mse": []}
+    with torch.no_grad():
+        for t in ERROR_TIMES:
+            times = torch.full((len(x0),), float(t), dtype=torch.float64)
+            m, sigma = (v.float().view(-1, 1, 1, 1) for v in module.process.marginal(times))
+            pred = predictor(m * x0 + sigma * eps, times)
+            errors["eps_mse"].append(float((pred.eps_hat - eps).pow(2).mean()))
+            errors["x0_mse"].append(float((pred.x0_hat - x0).pow(2).mean()))
+    return errors
+
+
+def diagnose(row: str, extractor, real: torch.Tensor) -> None:
+    done = load_results()["rows"].get(row, {})
+    module = load_module(checkpoint(row))
+    if "errors" not in done:
+        record(row, "errors", prediction_errors(module))
+    for name, sampler in DIAGNOSTIC.items():
+        if f"fid/{name}" not in done:
+            value, nfe, seconds = fid(module, sampler, extractor, real)
+            record(row, f"fid/{name}", {"fid": value, "nfe": nfe, "seconds": seconds})
+
+
 def report() -> str:
     rows = load_results()["rows"]
 
@@ -165,12 +197,18 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="trained rows only: prediction errors along the chain and the "
+                             "DIAGNOSTIC samplers' FID")  # fmt: skip
     args = parser.parse_args()
     if args.report:
         print(report())
         return
     extractor = real = None
     for row in args.rows:
+        if args.diagnose and trained_steps(HERE / "run" / row) < STEPS:
+            print(f"{row}: not trained to step {STEPS}; nothing to diagnose", flush=True)
+            continue
         if not train(row):
             print(f"{row}: training stopped before step {STEPS}; run again to resume", flush=True)
             return
@@ -179,7 +217,7 @@ def main() -> None:
         if extractor is None:
             extractor = M.InceptionFeatures(str(WEIGHTS))
             real = reference_features(extractor)
-        measure(row, extractor, real)
+        (diagnose if args.diagnose else measure)(row, extractor, real)
     print(report())
 
 
