@@ -92,6 +92,23 @@ def test_a_strip_is_one_mosaic_with_each_image_in_its_labelled_cell():
     assert list(ax.get_xticks()) == [0.5, 1.5, 2.5]  # at the cells' centres (extent = cells)
 
 
+@pytest.mark.parametrize("label", ["a four, upright and bold", "an eight, slanted and bold too"])
+def test_a_strips_row_labels_fit_inside_the_figure(label):
+    # prompts label the rows of text-to-image grids; the margin must grow to hold them
+    rows = [(label, torch.zeros(3, 1, 8, 8)), ("a one", torch.zeros(3, 1, 8, 8))]
+    fig = plots.plot_strips(rows, ["", "", ""], "title")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    (ax,) = fig.axes
+    lefts = {t.get_text(): t.get_window_extent(renderer).x0 for t in ax.get_yticklabels()}
+    assert lefts[label] >= 0 and lefts["a one"] > lefts[label]
+    # control: a short label keeps the old size, so the margin grows only when it must
+    short = plots.plot_strips([("a one", torch.zeros(3, 1, 8, 8))], ["", "", ""], "title")
+    assert short.get_size_inches()[0] * plots.DPI == pytest.approx(strip_size(3, 1)[0])
+    assert fig.get_size_inches()[0] > short.get_size_inches()[0]
+
+
 def test_strip_columns_are_labelled_in_each_familys_own_time():
     from diffusion.processes.edm import EDM
     from diffusion.processes.sde import VPSDE

@@ -16,12 +16,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.textpath import TextPath
 from torchvision.utils import make_grid
 
 from diffusion.processes.ddpm import GaussianDiffusion
 
 CELL_INCHES = 0.9  # side of one image in a strip, at DPI pixels per inch
 DPI = 100
+LABEL_POINTS = 9  # font size of a strip's row and column labels
+LEFT_INCHES = 1.2  # the least room left of a strip for its row labels
+
+
+def label_inches(labels: Sequence[str]) -> float:
+    """Width of the widest label at LABEL_POINTS, in inches (72 points each)."""
+    widths = [TextPath((0, 0), s, size=LABEL_POINTS).get_extents().width for s in labels if s]
+    return max(widths, default=0.0) / 72
 
 
 def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
@@ -124,11 +133,12 @@ def plot_strips(
     axes per cell made a 16-sample strip cost about a second of matplotlib per picture.
     """
     n_rows, n_cols = len(rows), len(column_titles)
-    width, height = 1.3 + CELL_INCHES * n_cols, 0.6 + CELL_INCHES * n_rows
+    left = max(LEFT_INCHES, label_inches([label for label, _ in rows]) + 0.2)  # a prompt is long
+    width, height = left + 0.1 + CELL_INCHES * n_cols, 0.6 + CELL_INCHES * n_rows
     fig = Figure(figsize=(width, height), dpi=DPI)
     side = rows[0][1].shape[-1]
     image = mosaic([images for _, images in rows], pad=max(1, side // 16))
-    ax = fig.add_axes((1.2 / width, 0.02, 1 - 1.2 / width - 0.01, 1 - 0.62 / height))
+    ax = fig.add_axes((left / width, 0.02, 1 - left / width - 0.01, 1 - 0.62 / height))
     extent = (0, n_cols, n_rows, 0)  # cell (r, c) centred at (c + 0.5, r + 0.5)
     if image.shape[0] == 1:
         ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest",
@@ -137,9 +147,9 @@ def plot_strips(
         ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest", extent=extent,
                   aspect="auto")  # fmt: skip
     centres = [i + 0.5 for i in range(max(n_rows, n_cols))]
-    ax.set_yticks(centres[:n_rows], [label for label, _ in rows], fontsize=9)
+    ax.set_yticks(centres[:n_rows], [label for label, _ in rows], fontsize=LABEL_POINTS)
     ax.xaxis.tick_top()
-    ax.set_xticks(centres[:n_cols], list(column_titles), fontsize=9)
+    ax.set_xticks(centres[:n_cols], list(column_titles), fontsize=LABEL_POINTS)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
