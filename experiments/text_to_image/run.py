@@ -8,7 +8,7 @@ digit and each of thin/bold × upright/slanted, the prompt in a sentence form no
 ("a seven, slanted and thin") and, for reference, in the training form ("a thin, slanted
 seven"), 20 samples each with DDIM-50 at guidance w ∈ {0, 1, 3}, and measured:
   - digit accuracy: the share a classifier (diffusion.evaluation.classifier, trained on the
-    MNIST training split; its own held-out accuracy reported) reads as the digit named;
+    recipe's 9,800 training images; its own held-out accuracy reported) reads as the digit named;
   - thickness: mean measured thickness of "bold" samples minus "thin" ones (the data's own
     gap between its bold and thin tertiles beside it); slant: "slanted" minus "upright".
 
