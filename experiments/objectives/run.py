@@ -171,8 +171,8 @@ def report() -> str:
 
     lines = [
         "| row | objective | bpd (VLB) | FID ancestral-50 | FID DDIM-50 | FID DPM-Solver++ 20 "
-        "| FID DDIM-50 at half budget | train min |",
-        "|---|---|---|---|---|---|---|---|",
+        "| FID DDIM-50 at half budget | train min | FID DPM-Solver++ 20, uniform (--diagnose) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         bpd = (
@@ -185,7 +185,7 @@ def report() -> str:
             f"| {name} | {' '.join(row['overrides']) or 'eps, simple'} | {bpd} | "
             f"{cell(row, 'fid/ddpm-50', 'fid')} | {cell(row, 'fid/ddim-50', 'fid')} | "
             f"{cell(row, 'fid/dpm_solver-20', 'fid')} | {cell(row, 'fid_half/ddim-50', 'fid')} | "
-            f"{row.get('train_minutes', '-')} |"
+            f"{row.get('train_minutes', '-')} | {cell(row, 'fid/dpm_solver-20-uniform', 'fid')} |"
         )
     table = "\n".join(lines) + "\n"
     (HERE / "table.md").write_text(table)
