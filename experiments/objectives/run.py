@@ -114,16 +114,26 @@ def fid(module, sampler: dict, extractor, real: torch.Tensor) -> tuple[float, in
     return M.frechet_distance(fake, real), nfe, round(seconds, 1)
 
 
-def measure(row: str, extractor, real: torch.Tensor) -> None:
-    done = load_results()["rows"].get(row, {})
-    module = load_module(checkpoint(row))
-    for name, sampler in SAMPLERS.items():
+def validation_images(module) -> torch.Tensor:
+    """The first BPD_N validation images of the row's data split, in [-1, 1]."""
+    return to_model_range(split_images(OmegaConf.create(module.hparams.data), "val", BPD_N))
+
+
+def record_fids(row: str, module, samplers: dict, done: dict, extractor, real) -> None:
+    """FID of each sampler not yet in ``done``, recorded under fid/<name>."""
+    for name, sampler in samplers.items():
         if f"fid/{name}" not in done:
             value, nfe, seconds = fid(module, sampler, extractor, real)
             record(row, f"fid/{name}", {"fid": value, "nfe": nfe, "seconds": seconds})
+
+
+def measure(row: str, extractor, real: torch.Tensor) -> None:
+    done = load_results()["rows"].get(row, {})
+    module = load_module(checkpoint(row))
+    record_fids(row, module, SAMPLERS, done, extractor, real)
     variances = ("learned",) if module.hparams.get("learn_sigma") else ("beta", "beta_tilde")
     if any(f"bpd/{v}" not in done for v in variances):
-        x0 = to_model_range(split_images(OmegaConf.create(module.hparams.data), "val", BPD_N))
+        x0 = validation_images(module)
         start = time.perf_counter()
         terms = bounds(module.predictor(), x0, variances, torch.Generator().manual_seed(0))
         seconds = round(time.perf_counter() - start, 1)
@@ -139,7 +149,7 @@ def measure(row: str, extractor, real: torch.Tensor) -> None:
 def prediction_errors(module) -> dict[str, list[float]]:
     """E‖ε̂ - ε‖² and E‖x̂_0 - x_0‖² per pixel at each of ERROR_TIMES, on the bits/dim images with
     one fixed draw of ε: where along the chain an objective leaves the network inaccurate."""
-    x0 = to_model_range(split_images(OmegaConf.create(module.hparams.data), "val", BPD_N))
+    x0 = validation_images(module)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     predictor, errors = module.predictor(), {"t": list(ERROR_TIMES), "eps_mse": [], "x0_mse": []}
     with torch.no_grad():
@@ -157,10 +167,7 @@ def diagnose(row: str, extractor, real: torch.Tensor) -> None:
     module = load_module(checkpoint(row))
     if "errors" not in done:
         record(row, "errors", prediction_errors(module))
-    for name, sampler in DIAGNOSTIC.items():
-        if f"fid/{name}" not in done:
-            value, nfe, seconds = fid(module, sampler, extractor, real)
-            record(row, f"fid/{name}", {"fid": value, "nfe": nfe, "seconds": seconds})
+    record_fids(row, module, DIAGNOSTIC, done, extractor, real)
 
 
 def report() -> str:
