@@ -64,13 +64,17 @@ SAMPLERS = {
 }
 
 
+def real_images() -> torch.Tensor:
+    """All 10,000 MNIST test images, uint8 (N, 1, 28, 28): the FID reference."""
+    dm = TorchvisionDataModule(
+        "mnist", str(HERE / "data"), image_size=28, channels=1, val_fraction=1e-4
+    )
+    return dm.load().images
+
+
 def reference_features(extractor) -> torch.Tensor:
     def compute():
-        dm = TorchvisionDataModule(
-            "mnist", str(HERE / "data"), image_size=28, channels=1, val_fraction=1e-4
-        )
-        images = dm.load().images  # all 10k test images
-        return M.extract(extractor, images, batch_size=100)["pool"]
+        return M.extract(extractor, real_images(), batch_size=100)["pool"]
 
     return M.cached_reference_features("mnist-t10k/all/28/inception", compute, HERE / "cache")
 

@@ -5,7 +5,9 @@ Every row trains ``unet_small`` with experiments/fid_vs_nfe's recipe (the 10k MN
 differs only in its objective. Then, from the EMA weights: validation bits/dim from the
 variational bound (T = 1000 network evaluations per image), and FID of 2,000 samples against
 all 10,000 images with ancestral sampling respaced to 50 steps, DDIM-50 and DPM-Solver++ at 20
-NFE; at half the budget, FID with DDIM-50 (does min-SNR converge faster?).
+NFE; at half the budget, FID with DDIM-50 (does min-SNR converge faster?). ``--diagnose``
+asks why the FIDs differ: what kind of error each network makes near the data, and how much
+noise its samples keep.
 
     python -m experiments.objectives.run                # every row: train, then measure
     python -m experiments.objectives.run --rows v_simple x0_simple
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from diffusion.checkpoints import load_module
@@ -34,7 +37,7 @@ from diffusion.evaluation import metrics as M
 from diffusion.evaluation.draw import draw, to_uint8
 from diffusion.evaluation.likelihood import bounds
 from diffusion.training.data import to_model_range
-from experiments.fid_vs_nfe.bench import BATCH, reference_features
+from experiments.fid_vs_nfe.bench import BATCH, real_images, reference_features
 from experiments.mnist_recipe import RECIPE, SHARED, STEPS, train_run, trained_steps
 
 HERE = Path(__file__).resolve().parent
@@ -63,6 +66,9 @@ DIAGNOSTIC = {  # --diagnose: is a row's DPM-Solver++ loss the logSNR spacing's?
     "dpm_solver-20-uniform": {**SAMPLERS["dpm_solver-20"], "spacing": "uniform"},
 }
 ERROR_TIMES = (0, 1, 3, 6, 10, 20, 40, 80, 150, 300, 500, 700, 900, 999)  # chain indices
+SPECKLE_N = 500  # --diagnose: the first SPECKLE_N of the samples whose FID is reported
+SPECKLE_SAMPLERS = ("ddpm-50", "ddim-50", "dpm_solver-20", "dpm_solver-20-uniform")
+NOISE_SD = (0.0, 0.005, 0.01, 0.02, 0.04)  # noise added to real images, in [-1, 1] units
 
 
 def checkpoint(row: str, step: int | None = None) -> Path:
@@ -127,6 +133,47 @@ def record_fids(row: str, module, samplers: dict, done: dict, extractor, real) -
             record(row, f"fid/{name}", {"fid": value, "nfe": nfe, "seconds": seconds})
 
 
+def record_real(key: str, value) -> None:
+    """Write one measurement of the real images (the controls of --diagnose) to results.json."""
+    results = load_results()
+    results.setdefault("real", {})[key] = value
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print("real", key, value, flush=True)
+
+
+def speckle(images: torch.Tensor) -> float:
+    """Noise left in the background of uint8 images: the mean |x - median₃(x)| (3 x 3 median, in
+    gray levels) over the pixels darker than 16. MNIST's background is flat, a constant offset
+    does not count, and noise of s.d. 0.005 in [-1, 1] (0.6 gray levels) shows (the real-image
+    controls of --diagnose, NOISE_SD, say how much speckle and FID each noise level gives)."""
+    x = images.float()
+    patches = F.pad(x, (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1)
+    median = patches.reshape(*x.shape, 9).median(-1).values
+    return float((x - median).abs()[x < 16].mean())
+
+
+def noisy(images: torch.Tensor, sd: float) -> torch.Tensor:
+    """uint8 images with Gaussian noise of standard deviation ``sd`` (in [-1, 1]) added."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    return to_uint8(to_model_range(images) + sd * noise)
+
+
+def real_controls(extractor, real: torch.Tensor) -> None:
+    """How speckle and FID answer noise alone: the first 2,000 real images with Gaussian noise
+    of each NOISE_SD added, against all 10,000 clean ones."""
+    done = load_results().get("real", {})
+    images = real_images()[:2000]
+    for sd in NOISE_SD:
+        if "speckle" not in done.get(f"noise={sd}", {}):
+            shown = noisy(images, sd)
+            if "fid" in done.get(f"noise={sd}", {}):
+                fid_value = done[f"noise={sd}"]["fid"]
+            else:
+                fake = M.extract(extractor, shown, batch_size=100)["pool"]
+                fid_value = M.frechet_distance(fake, real)
+            record_real(f"noise={sd}", {"speckle": speckle(shown), "fid": fid_value})
+
+
 def measure(row: str, extractor, real: torch.Tensor) -> None:
     done = load_results()["rows"].get(row, {})
     module = load_module(checkpoint(row))
@@ -148,10 +195,16 @@ def measure(row: str, extractor, real: torch.Tensor) -> None:
 
 def prediction_errors(module) -> dict[str, list[float]]:
     """E‖ε̂ - ε‖² and E‖x̂_0 - x_0‖² per pixel at each of ERROR_TIMES, on the bits/dim images with
-    one fixed draw of ε: where along the chain an objective leaves the network inaccurate."""
+    one fixed draw of ε: where along the chain an objective leaves the network inaccurate.
+
+    And of what kind: since x̂_0 - x_0 = -(σ/m)(ε̂ - ε), writing ε̂ - ε = -r ε + u with u ⟂ ε
+    splits the error into the noise x̂_0 leaves in the image, r = 1 - ⟨ε̂, ε⟩/‖ε‖² of it
+    (``noise_left``: 0 when x̂_0 removes all of ε, 1 when it removes none), and the rest,
+    ‖u‖² per pixel (``other_mse``; ε-MSE = r² ‖ε‖²/D + ‖u‖²/D)."""
     x0 = validation_images(module)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    predictor, errors = module.predictor(), {"t": list(ERROR_TIMES), "eps_mse": [], "x0_mse": []}
+    keys = ("eps_mse", "x0_mse", "noise_left", "other_mse")
+    predictor, errors = module.predictor(), {"t": list(ERROR_TIMES), **{k: [] for k in keys}}
     with torch.no_grad():
         for t in ERROR_TIMES:
             times = torch.full((len(x0),), float(t), dtype=torch.float64)
@@ -159,15 +212,23 @@ def prediction_errors(module) -> dict[str, list[float]]:
             pred = predictor(m * x0 + sigma * eps, times)
             errors["eps_mse"].append(float((pred.eps_hat - eps).pow(2).mean()))
             errors["x0_mse"].append(float((pred.x0_hat - x0).pow(2).mean()))
+            r = 1 - (pred.eps_hat * eps).sum() / eps.pow(2).sum()
+            errors["noise_left"].append(float(r))
+            errors["other_mse"].append(float((pred.eps_hat - eps + r * eps).pow(2).mean()))
     return errors
 
 
 def diagnose(row: str, extractor, real: torch.Tensor) -> None:
     done = load_results()["rows"].get(row, {})
     module = load_module(checkpoint(row))
-    if "errors" not in done:
+    if "noise_left" not in done.get("errors", {}):
         record(row, "errors", prediction_errors(module))
     record_fids(row, module, DIAGNOSTIC, done, extractor, real)
+    for name in SPECKLE_SAMPLERS:
+        if f"speckle/{name}" not in done:
+            images, _ = draw(module, SPECKLE_N, BATCH, 0, {**SAMPLERS, **DIAGNOSTIC}[name],
+                             progress=False)  # fmt: skip
+            record(row, f"speckle/{name}", speckle(to_uint8(images)))
 
 
 def report() -> str:
@@ -194,9 +255,44 @@ def report() -> str:
             f"{cell(row, 'fid/dpm_solver-20', 'fid')} | {cell(row, 'fid_half/ddim-50', 'fid')} | "
             f"{row.get('train_minutes', '-')} | {cell(row, 'fid/dpm_solver-20-uniform', 'fid')} |"
         )
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n\n" + diagnosis_tables(load_results())
     (HERE / "table.md").write_text(table)
     return table
+
+
+def diagnosis_tables(results: dict) -> str:
+    """--diagnose's measurements: what kind of error each row's network makes near the data, the
+    noise its samples keep, and how speckle and FID answer noise added to real images."""
+    shown = [t for t in (0, 3, 10, 20, 80) if t in ERROR_TIMES]
+    lines = [
+        "| row | noise left in x̂_0, r, at t = " + " / ".join(map(str, shown))
+        + " | x̂_0-MSE at t = 0 / 10 | speckle: " + " / ".join(SPECKLE_SAMPLERS) + " |",
+        "|---|---|---|---|",
+    ]  # fmt: skip
+    for name, row in results["rows"].items():
+        errors = row.get("errors", {})
+        if "noise_left" not in errors:
+            continue
+        at = {t: i for i, t in enumerate(errors["t"])}
+        left = " / ".join(f"{errors['noise_left'][at[t]]:.2f}" for t in shown)
+        x0_mse = " / ".join(f"{errors['x0_mse'][at[t]]:.1e}" for t in (0, 10))
+        spots = " / ".join(
+            f"{row[f'speckle/{s}']:.2f}" if f"speckle/{s}" in row else "-" for s in SPECKLE_SAMPLERS
+        )
+        lines.append(f"| {name} | {left} | {x0_mse} | {spots} |")
+    pairs = [(row[f"speckle/{s}"], row[f"fid/{s}"]["fid"]) for row in results["rows"].values()
+             for s in SPECKLE_SAMPLERS if f"speckle/{s}" in row and f"fid/{s}" in row]  # fmt: skip
+    if len(pairs) > 2:
+        ranks = torch.tensor(pairs).argsort(0).argsort(0).double()
+        rho = float(torch.corrcoef(ranks.T)[0, 1])
+        lines += ["", f"Spearman rank correlation of speckle and FID over the {len(pairs)} "
+                      f"(row, sampler) pairs: {rho:.2f}"]  # fmt: skip
+    lines += ["", "| real images + noise of s.d. | speckle | FID (2,000 vs 10,000) |"]
+    lines.append("|---|---|---|")
+    for key, real in results.get("real", {}).items():
+        sd = key.removeprefix("noise=")
+        lines.append(f"| {sd} | {real['speckle']:.2f} | {real['fid']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -205,8 +301,10 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--diagnose", action="store_true",
-                        help="trained rows only: prediction errors along the chain and the "
-                             "DIAGNOSTIC samplers' FID")  # fmt: skip
+                        help="trained rows only: the kind of error the network makes along "
+                             "the chain, the DIAGNOSTIC samplers' FID, the noise left in "
+                             "samples (speckle), and how speckle and FID answer noise added to "
+                             "real images")  # fmt: skip
     args = parser.parse_args()
     if args.report:
         print(report())
@@ -224,6 +322,8 @@ def main() -> None:
         if extractor is None:
             extractor = M.InceptionFeatures(str(WEIGHTS))
             real = reference_features(extractor)
+            if args.diagnose:
+                real_controls(extractor, real)
         (diagnose if args.diagnose else measure)(row, extractor, real)
     print(report())
 
