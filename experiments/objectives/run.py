@@ -66,8 +66,7 @@ DIAGNOSTIC = {  # --diagnose: is a row's DPM-Solver++ loss the logSNR spacing's?
     "dpm_solver-20-uniform": {**SAMPLERS["dpm_solver-20"], "spacing": "uniform"},
 }
 ERROR_TIMES = (0, 1, 3, 6, 10, 20, 40, 80, 150, 300, 500, 700, 900, 999)  # chain indices
-SPECKLE_N = 500  # --diagnose: the first SPECKLE_N of the samples whose FID is reported
-SPECKLE_SAMPLERS = ("ddpm-50", "ddim-50", "dpm_solver-20", "dpm_solver-20-uniform")
+SPECKLE_N = 500  # speckle is measured on the first SPECKLE_N of the samples of each FID
 NOISE_SD = (0.0, 0.005, 0.01, 0.02, 0.04)  # noise added to real images, in [-1, 1] units
 
 
@@ -112,12 +111,14 @@ def record(row: str, key: str, value) -> None:
     print(row, key, value, flush=True)
 
 
-def fid(module, sampler: dict, extractor, real: torch.Tensor) -> tuple[float, int, float]:
+def fid(module, sampler: dict, extractor, real: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """FID of 2,000 samples (with their NFE and sampling seconds), and the samples as uint8."""
     start = time.perf_counter()
     images, nfe = draw(module, 2000, BATCH, 0, sampler, progress=False)
     seconds = time.perf_counter() - start
-    fake = M.extract(extractor, to_uint8(images), batch_size=100)["pool"]
-    return M.frechet_distance(fake, real), nfe, round(seconds, 1)
+    images = to_uint8(images)
+    fake = M.extract(extractor, images, batch_size=100)["pool"]
+    return {"fid": M.frechet_distance(fake, real), "nfe": nfe, "seconds": round(seconds, 1)}, images
 
 
 def validation_images(module) -> torch.Tensor:
@@ -126,11 +127,12 @@ def validation_images(module) -> torch.Tensor:
 
 
 def record_fids(row: str, module, samplers: dict, done: dict, extractor, real) -> None:
-    """FID of each sampler not yet in ``done``, recorded under fid/<name>."""
+    """FID and speckle of each sampler not yet in ``done``, under fid/<name>, speckle/<name>."""
     for name, sampler in samplers.items():
-        if f"fid/{name}" not in done:
-            value, nfe, seconds = fid(module, sampler, extractor, real)
-            record(row, f"fid/{name}", {"fid": value, "nfe": nfe, "seconds": seconds})
+        if f"fid/{name}" not in done or f"speckle/{name}" not in done:
+            value, images = fid(module, sampler, extractor, real)
+            record(row, f"fid/{name}", value)
+            record(row, f"speckle/{name}", speckle(images[:SPECKLE_N]))
 
 
 def record_real(key: str, value) -> None:
@@ -164,14 +166,11 @@ def real_controls(extractor, real: torch.Tensor) -> None:
     done = load_results().get("real", {})
     images = real_images()[:2000]
     for sd in NOISE_SD:
-        if "speckle" not in done.get(f"noise={sd}", {}):
+        if f"noise={sd}" not in done:
             shown = noisy(images, sd)
-            if "fid" in done.get(f"noise={sd}", {}):
-                fid_value = done[f"noise={sd}"]["fid"]
-            else:
-                fake = M.extract(extractor, shown, batch_size=100)["pool"]
-                fid_value = M.frechet_distance(fake, real)
-            record_real(f"noise={sd}", {"speckle": speckle(shown), "fid": fid_value})
+            fake = M.extract(extractor, shown, batch_size=100)["pool"]
+            value = {"speckle": speckle(shown), "fid": M.frechet_distance(fake, real)}
+            record_real(f"noise={sd}", value)
 
 
 def measure(row: str, extractor, real: torch.Tensor) -> None:
@@ -189,8 +188,7 @@ def measure(row: str, extractor, real: torch.Tensor) -> None:
                    {**{k: float(v.mean()) for k, v in parts.items()}, "seconds": seconds})
     if "fid_half/ddim-50" not in done and checkpoint(row, HALF).exists():
         half = load_module(checkpoint(row, HALF))
-        value, nfe, seconds = fid(half, SAMPLERS["ddim-50"], extractor, real)
-        record(row, "fid_half/ddim-50", {"fid": value, "nfe": nfe, "seconds": seconds})
+        record(row, "fid_half/ddim-50", fid(half, SAMPLERS["ddim-50"], extractor, real)[0])
 
 
 def prediction_errors(module) -> dict[str, list[float]]:
@@ -224,15 +222,11 @@ def diagnose(row: str, extractor, real: torch.Tensor) -> None:
     if "noise_left" not in done.get("errors", {}):
         record(row, "errors", prediction_errors(module))
     record_fids(row, module, DIAGNOSTIC, done, extractor, real)
-    for name in SPECKLE_SAMPLERS:
-        if f"speckle/{name}" not in done:
-            images, _ = draw(module, SPECKLE_N, BATCH, 0, {**SAMPLERS, **DIAGNOSTIC}[name],
-                             progress=False)  # fmt: skip
-            record(row, f"speckle/{name}", speckle(to_uint8(images)))
 
 
 def report() -> str:
-    rows = load_results()["rows"]
+    results = load_results()
+    rows = results["rows"]
 
     def cell(row: dict, key: str, field: str, fmt: str = "{:.2f}") -> str:
         return fmt.format(row[key][field]) if key in row else "-"
@@ -255,7 +249,7 @@ def report() -> str:
             f"{cell(row, 'fid/dpm_solver-20', 'fid')} | {cell(row, 'fid_half/ddim-50', 'fid')} | "
             f"{row.get('train_minutes', '-')} | {cell(row, 'fid/dpm_solver-20-uniform', 'fid')} |"
         )
-    table = "\n".join(lines) + "\n\n" + diagnosis_tables(load_results())
+    table = "\n".join(lines) + "\n\n" + diagnosis_tables(results)
     (HERE / "table.md").write_text(table)
     return table
 
@@ -263,10 +257,11 @@ def report() -> str:
 def diagnosis_tables(results: dict) -> str:
     """--diagnose's measurements: what kind of error each row's network makes near the data, the
     noise its samples keep, and how speckle and FID answer noise added to real images."""
-    shown = [t for t in (0, 3, 10, 20, 80) if t in ERROR_TIMES]
+    shown, samplers = (0, 3, 10, 20, 80), {**SAMPLERS, **DIAGNOSTIC}
+    deterministic = [name for name, s in samplers.items() if "ancestral" not in s["_target_"]]
     lines = [
         "| row | noise left in x̂_0, r, at t = " + " / ".join(map(str, shown))
-        + " | x̂_0-MSE at t = 0 / 10 | speckle: " + " / ".join(SPECKLE_SAMPLERS) + " |",
+        + " | x̂_0-MSE at t = 0 / 10 | speckle: " + " / ".join(samplers) + " |",
         "|---|---|---|---|",
     ]  # fmt: skip
     for name, row in results["rows"].items():
@@ -277,17 +272,17 @@ def diagnosis_tables(results: dict) -> str:
         left = " / ".join(f"{errors['noise_left'][at[t]]:.2f}" for t in shown)
         x0_mse = " / ".join(f"{errors['x0_mse'][at[t]]:.1e}" for t in (0, 10))
         spots = " / ".join(
-            f"{row[f'speckle/{s}']:.2f}" if f"speckle/{s}" in row else "-" for s in SPECKLE_SAMPLERS
+            f"{row[f'speckle/{s}']:.2f}" if f"speckle/{s}" in row else "-" for s in samplers
         )
         lines.append(f"| {name} | {left} | {x0_mse} | {spots} |")
-    for samplers in (SPECKLE_SAMPLERS, SPECKLE_SAMPLERS[1:]):
+    for names in (list(samplers), deterministic):
         pairs = [(row[f"speckle/{s}"], row[f"fid/{s}"]["fid"]) for row in results["rows"].values()
-                 for s in samplers if f"speckle/{s}" in row and f"fid/{s}" in row]  # fmt: skip
+                 for s in names if f"speckle/{s}" in row and f"fid/{s}" in row]  # fmt: skip
         if len(pairs) > 2:
             ranks = torch.tensor(pairs).argsort(0).argsort(0).double()
             rho = float(torch.corrcoef(ranks.T)[0, 1])
             lines += ["", f"Spearman rank correlation of speckle and FID over the {len(pairs)} "
-                          f"(row, sampler) pairs of {', '.join(samplers)}: {rho:.2f}"]  # fmt: skip
+                          f"(row, sampler) pairs of {', '.join(names)}: {rho:.2f}"]  # fmt: skip
     lines += ["", "| real images + noise of s.d. | speckle | FID (2,000 vs 10,000) |"]
     lines.append("|---|---|---|")
     for key, real in results.get("real", {}).items():
