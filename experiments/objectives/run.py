@@ -100,6 +100,17 @@ def record(row: str, key: str, value) -> None:
     """Write one measurement of one row to results.json at once (re-read first)."""
     results = load_results()
     results["rows"].setdefault(row, {"overrides": ROWS[row]})[key] = value
+    save(results, f"{row} {key}", value)
+
+
+def record_real(key: str, value) -> None:
+    """Write one measurement of the real images (the controls of --diagnose) the same way."""
+    results = load_results()
+    results.setdefault("real", {})[key] = value
+    save(results, f"real {key}", value)
+
+
+def save(results: dict, label: str, value) -> None:
     results["protocol"] = {
         "recipe": RECIPE, "half_budget_step": HALF, "fid_n": 2000, "fid_batch": BATCH,
         "fid_seed": 0, "reference": "MNIST test split, all 10,000 images, 28x28",
@@ -108,7 +119,7 @@ def record(row: str, key: str, value) -> None:
                    f"{torch.get_num_threads()} threads, torch {torch.__version__}",
     }  # fmt: skip
     RESULTS.write_text(json.dumps(results, indent=2))
-    print(row, key, value, flush=True)
+    print(label, value, flush=True)
 
 
 def fid(module, sampler: dict, extractor, real: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -133,14 +144,6 @@ def record_fids(row: str, module, samplers: dict, done: dict, extractor, real) -
             value, images = fid(module, sampler, extractor, real)
             record(row, f"fid/{name}", value)
             record(row, f"speckle/{name}", speckle(images[:SPECKLE_N]))
-
-
-def record_real(key: str, value) -> None:
-    """Write one measurement of the real images (the controls of --diagnose) to results.json."""
-    results = load_results()
-    results.setdefault("real", {})[key] = value
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print("real", key, value, flush=True)
 
 
 def speckle(images: torch.Tensor) -> float:
